@@ -1,0 +1,110 @@
+"""The ``pretrain`` console script: one entry point, one subcommand per stage.
+
+    pretrain tokenizer INPUT... --out DIR --vocab-size N
+    pretrain prepare text INPUT... --tokenizer PATH --output DIR [-- BEAM_OPTIONS...]
+    pretrain inspect DIR [--samples N]
+    pretrain train --config FILE --data DIR --run-dir DIR
+    pretrain demo [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from data_pipeline.errors import UserError
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: a one-line summary and the module that implements it.
+
+    The module is imported only when its subcommand runs, so ``pretrain --help`` is instant and a
+    training node without Apache Beam can still run ``pretrain train``. The module provides
+    ``add_arguments(parser)`` and ``run(args) -> int``.
+    """
+
+    summary: str
+    module: str
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def register(name: str, summary: str, module: str) -> None:
+    """Add a subcommand; a duplicate name is a programming error."""
+    if name in COMMANDS:
+        raise ValueError(f"subcommand {name!r} registered twice")
+    COMMANDS[name] = Command(summary, module)
+
+
+register("tokenizer", "train a SentencePiece tokenizer with BERT specials", "data_pipeline.commands_tokenizer")
+register("prepare text", "Beam job: text corpora -> shuffled WebDataset shards", "data_pipeline.commands_prepare")
+register("inspect", "print a shard directory's manifest and decoded examples", "data_pipeline.commands_inspect")
+register("train", "DeepSpeed pre-training on prepared shards", "training.commands")
+register("demo", "run the whole pipeline on an embedded corpus", "launch.demo")
+
+
+def _top_level_help() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: pretrain SUBCOMMAND [options]", "", "subcommands:"]
+    lines += [f"  {name.ljust(width)}  {command.summary}" for name, command in COMMANDS.items()]
+    lines += ["", "Run `pretrain SUBCOMMAND --help` for the options of each."]
+    return "\n".join(lines)
+
+
+def _find_command(argv: Sequence[str]) -> tuple[str, list[str]] | None:
+    """Match the longest registered name at the start of argv (``prepare text`` before ``prepare``)."""
+    for words in (2, 1):
+        name = " ".join(argv[:words])
+        if len(argv) >= words and name in COMMANDS:
+            return name, list(argv[words:])
+    return None
+
+
+def build_parser(name: str) -> tuple[argparse.ArgumentParser, Callable[[argparse.Namespace], int]]:
+    """The argument parser and run function of subcommand ``name``."""
+    command = COMMANDS[name]
+    module = importlib.import_module(command.module)
+    parser = argparse.ArgumentParser(
+        prog=f"pretrain {name}",
+        description=command.summary,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    module.add_arguments(parser)
+    return parser, module.run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_top_level_help())
+        return 0
+    found = _find_command(argv)
+    if found is None:
+        print(f"pretrain: unknown subcommand {' '.join(argv[:2])!r}\n\n{_top_level_help()}", file=sys.stderr)
+        return 2
+    name, rest = found
+    # Everything after a bare `--` is passed through untouched (Beam pipeline options).
+    passthrough: list[str] = []
+    if "--" in rest:
+        cut = rest.index("--")
+        rest, passthrough = rest[:cut], rest[cut + 1 :]
+    parser, run = build_parser(name)
+    args = parser.parse_args(rest)
+    args.passthrough = passthrough
+    try:
+        return int(run(args) or 0)
+    except UserError as error:
+        print(f"pretrain {name}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pretrain {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
