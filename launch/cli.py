@@ -4,6 +4,8 @@
     pretrain prepare text INPUT... --tokenizer PATH --output DIR [-- BEAM_OPTIONS...]
     pretrain inspect DIR [--samples N]
     pretrain train --config FILE --data DIR --run-dir DIR
+    pretrain export RUN_DIR --out DIR [--format native|hf]
+    pretrain finetune --config FILE --model PATH --train FILE --eval FILE --run-dir DIR
     pretrain demo [--workdir DIR]
 """
 
@@ -45,6 +47,8 @@ register("tokenizer", "train a SentencePiece tokenizer with BERT specials", "dat
 register("prepare text", "Beam job: text corpora -> shuffled WebDataset shards", "data_pipeline.commands_prepare")
 register("inspect", "print a shard directory's manifest and decoded examples", "data_pipeline.commands_inspect")
 register("train", "DeepSpeed pre-training on prepared shards", "training.commands")
+register("export", "consolidate a checkpoint into portable safetensors (native or HF)", "training.commands_export")
+register("finetune", "fine-tune a pre-trained (or random) encoder on a labelled task", "training.finetune.commands")
 register("demo", "run the whole pipeline on an embedded corpus", "launch.demo")
 
 
