@@ -26,6 +26,7 @@ with 4096-sequence chunks and 16384-sample windows that is a few MB per process 
 from __future__ import annotations
 
 import hashlib
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -289,6 +290,13 @@ class _ValidationStream(IterableDataset):
                     return
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers ignore SIGTERM/SIGUSR1: launchers and SLURM signal every process of a job, but the main
+    process must finish its step (with these workers' batches) and save before it ends them itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def _data_loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
     if not isinstance(num_workers, int) or num_workers < 0:
         raise UserError(f"num_workers must be a non-negative integer, got {num_workers!r}")
@@ -298,6 +306,7 @@ def _data_loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
         num_workers=num_workers,
         prefetch_factor=2 if num_workers else None,
         pin_memory=torch.cuda.is_available(),
+        worker_init_fn=_ignore_stop_signals if num_workers else None,
     )
 
 

@@ -1,0 +1,81 @@
+"""``pretrain train``: DeepSpeed pre-training on prepared shards (one process, or one per rank under a launcher).
+
+pretrain train --config configs/bert-tiny.yaml --data DATA --run-dir runs/tiny
+deepspeed --num_gpus 8 --module training --config configs/bert-base.yaml --data DATA --run-dir runs/base
+torchrun --nproc_per_node 8 -m training --config configs/bert-base.yaml --data DATA --run-dir runs/base
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from data_pipeline.errors import UserError
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``pretrain train`` (the same as ``python -m training``)."""
+    parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/bert-tiny.yaml")
+    parser.add_argument("--data", required=True, help="prepared shard directory (holds manifest.json)")
+    parser.add_argument("--run-dir", required=True, help="output: metrics, checkpoints, traces, config.yaml")
+    parser.add_argument(
+        "--max-steps",
+        type=_positive,
+        default=None,
+        help="stop (and save) at this step; the LR schedule still follows train.total_steps",
+    )
+    parser.add_argument("--log-every", type=_positive, default=None, help="override train.log_every")
+    parser.add_argument("--save-every", type=_positive, default=None, help="override train.save_every")
+    parser.add_argument(
+        "--resume",
+        default="auto",
+        help="auto (latest complete checkpoint of --run-dir, if any), never, or a checkpoint tag dir",
+    )
+    parser.add_argument(
+        "--trace-samples",
+        action="store_true",
+        help="append the id of every consumed sample to RUN_DIR/trace/rankNNNNN.txt",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set deepspeed.zero_optimization.stage=3 (repeatable)",
+    )
+
+
+def overrides_of(args: argparse.Namespace) -> list[str]:
+    """``--set`` items plus the dedicated flags, which apply last (so they win)."""
+    overrides = list(args.overrides)
+    if args.log_every is not None:
+        overrides.append(f"train.log_every={args.log_every}")
+    if args.save_every is not None:
+        overrides.append(f"train.save_every={args.save_every}")
+    return overrides
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the config, then train (imports DeepSpeed only now, so ``--help`` stays fast)."""
+    from training.config import load_config
+    from training.trainer import RunOptions, train
+
+    if getattr(args, "passthrough", None):
+        raise UserError(f"pretrain train takes no arguments after `--`, got {args.passthrough}")
+    config = load_config(args.config, overrides_of(args))
+    options = RunOptions(
+        data_dir=args.data,
+        run_dir=Path(args.run_dir),
+        max_steps=args.max_steps,
+        resume=args.resume,
+        trace_samples=args.trace_samples,
+    )
+    return train(config, options)

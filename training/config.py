@@ -1,0 +1,298 @@
+"""Typed training configuration: YAML sections map one-to-one onto dataclasses; ``--set`` overrides win.
+
+Precedence is ``--set key=value`` > the YAML file > the dataclass defaults. The ``deepspeed:`` section is
+kept as the literal DeepSpeed config dictionary (users already know that schema); only the values the
+trainer derives from it (gradient accumulation, the scheduler length) are filled in or checked here.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from data_pipeline.errors import UserError
+
+# Schedulers whose length DeepSpeed reads from ``params.total_num_steps``.
+SCHEDULERS_WITH_LENGTH = ("WarmupDecayLR", "WarmupCosineLR")
+
+
+@dataclass
+class ModelConfig:
+    """The BERT architecture; the vocabulary size comes from the data manifest."""
+
+    size: str = "tiny"
+    """Named size (tiny, mini, small, medium, base, large) that sets the dimensions below."""
+    hidden_size: int | None = None
+    """Override of the size's hidden width. Defaults to the size's value."""
+    num_hidden_layers: int | None = None
+    """Override of the size's number of encoder layers. Defaults to the size's value."""
+    num_attention_heads: int | None = None
+    """Override of the size's number of attention heads. Defaults to the size's value."""
+    intermediate_size: int | None = None
+    """Override of the size's feed-forward width. Defaults to the size's value."""
+    dropout: float = 0.1
+    """Dropout probability of hidden states and attention probabilities."""
+    pre_layernorm: bool = False
+    """LayerNorm before each sub-layer (stabler for deep models; not loadable by HF BERT)."""
+    activation_checkpointing: bool = False
+    """Recompute each encoder layer in the backward pass to save activation memory."""
+    next_sentence_head: bool | str = "auto"
+    """Train the NSP/SOP head: true, false, or ``auto`` (on unless the manifest objective is ``none``)."""
+
+
+@dataclass
+class DataConfig:
+    """Dynamic masking and loading of the prepared shards."""
+
+    mask_prob: float = 0.15
+    """Share of content tokens chosen for the MLM objective in each sequence."""
+    whole_word_mask: bool = True
+    """Mask whole words (all pieces of a word together) rather than single pieces."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank that read, frame and mask batches."""
+
+
+@dataclass
+class TrainConfig:
+    """The length of the run and its periodic actions, counted in optimizer steps."""
+
+    total_steps: int = 600
+    """Length of the LR schedule; the run ends here unless ``--max-steps`` stops it earlier."""
+    seed: int = 1234
+    """Seed of the model initialisation, dropout and the data order."""
+    log_every: int = 10
+    """Write metrics every this many steps."""
+    save_every: int = 200
+    """Save a checkpoint every this many steps (and always at the end)."""
+    keep_last: int = 3
+    """Number of complete checkpoints kept; older ones are deleted."""
+    val_every: int = 200
+    """Run validation every this many steps (0 turns validation off)."""
+    val_batches: int = 20
+    """Validation micro-batches per rank at each validation."""
+
+
+@dataclass
+class Config:
+    """The whole training configuration, one attribute per YAML section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model architecture."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Masking and loading."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Run length, logging, checkpoints and validation."""
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+    """The literal DeepSpeed config (train_batch_size is the global batch)."""
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _type_name(expected: Any) -> str:
+    if isinstance(expected, type):
+        return expected.__name__
+    return " or ".join(_type_name(arg) for arg in typing.get_args(expected))
+
+
+def _matches(value: Any, expected: Any) -> bool:
+    """Whether a YAML value fits a field type (int is a float; bool is not an int)."""
+    origin = typing.get_origin(expected)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(expected))
+    if expected is type(None):
+        return value is None
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def _build_section(name: str, cls: type, raw: Any) -> Any:
+    """One dataclass section from its YAML mapping, naming the key path of any unknown key or bad type."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{name}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {item.name for item in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise UserError(f"{name}.{key}: unknown key (known: {', '.join(sorted(known))})")
+        if not _matches(value, hints[key]):
+            raise UserError(f"{name}.{key}: expected {_type_name(hints[key])}, got {value!r}")
+        values[key] = float(value) if hints[key] is float else value
+    return cls(**values)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as a YAML scalar)."""
+    path, sep, text = item.partition("=")
+    keys = path.strip().split(".")
+    if not sep or not all(keys):
+        raise UserError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. train.total_steps=100")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as error:
+        raise UserError(f"--set {item!r}: value is not a YAML scalar: {error}") from error
+    return keys, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of the raw YAML mapping with each ``--set key.path=value`` applied in order.
+
+    Args:
+        raw: The mapping read from the config file.
+        overrides: Items like ``deepspeed.zero_optimization.stage=3``; intermediate mappings are created.
+    """
+    merged = copy.deepcopy(raw)
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = merged
+        for depth, key in enumerate(keys[:-1]):
+            child = node.setdefault(key, {})
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"--set {item!r}: {'.'.join(keys[: depth + 1])} is {child!r}, not a mapping")
+            node = child
+        node[keys[-1]] = value
+    return merged
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and type-check a :class:`Config` from a (merged) YAML mapping."""
+    unknown = sorted(set(raw) - set(SECTIONS) - {"deepspeed"})
+    if unknown:
+        raise UserError(f"{unknown[0]}: unknown section (known: deepspeed, {', '.join(SECTIONS)})")
+    sections = {name: _build_section(name, cls, raw.get(name)) for name, cls in SECTIONS.items()}
+    deepspeed = raw.get("deepspeed") or {}
+    if not isinstance(deepspeed, dict):
+        raise UserError(f"deepspeed: expected a mapping, got {deepspeed!r}")
+    config = Config(deepspeed=copy.deepcopy(deepspeed), **sections)
+    _check_values(config)
+    return config
+
+
+def _check_values(config: Config) -> None:
+    head = config.model.next_sentence_head
+    if isinstance(head, str) and head != "auto":
+        raise UserError(f"model.next_sentence_head: expected true, false or 'auto', got {head!r}")
+    if not 0.0 < config.data.mask_prob < 1.0:
+        raise UserError(f"data.mask_prob: expected a value in (0, 1), got {config.data.mask_prob}")
+    for key in ("total_steps", "log_every", "save_every", "keep_last"):
+        if getattr(config.train, key) < 1:
+            raise UserError(f"train.{key}: expected a positive int, got {getattr(config.train, key)}")
+    for key in ("val_every", "val_batches"):
+        if getattr(config.train, key) < 0:
+            raise UserError(f"train.{key}: expected an int >= 0, got {getattr(config.train, key)}")
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config file and apply ``--set`` overrides (precedence: overrides > file > defaults).
+
+    Args:
+        path: The YAML file.
+        overrides: ``key.path=value`` items. Defaults to none.
+
+    Raises:
+        UserError: The file is missing or not YAML, a key is unknown or a value has the wrong type.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise UserError(f"config {path}: cannot read: {error.strerror or error}") from error
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise UserError(f"config {path}: not valid YAML: {error}") from error
+    if not isinstance(raw, dict):
+        raise UserError(f"config {path}: expected a mapping of sections, got {type(raw).__name__}")
+    return config_from_dict(apply_overrides(raw, overrides))
+
+
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """The config as plain YAML-able data (what is printed at start and saved as RUN_DIR/config.yaml)."""
+    return dataclasses.asdict(config)
+
+
+def config_yaml(config: Config) -> str:
+    """The config as YAML text, sections in a fixed order."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=False)
+
+
+def config_hash(config: Config) -> str:
+    """Short sha256 of the resolved config, recorded in checkpoints to tell runs apart."""
+    text = json.dumps(config_to_dict(config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _positive_int(deepspeed: dict[str, Any], key: str) -> int:
+    value = deepspeed.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"deepspeed.{key}: expected a positive int, got {value!r}")
+    return value
+
+
+def gradient_accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
+    """``global_batch / (micro_batch * world_size)``, which must be a whole number.
+
+    Raises:
+        UserError: The global batch is not a multiple of micro batch times world size (with the numbers).
+    """
+    per_step = micro_batch * world_size
+    if global_batch % per_step:
+        raise UserError(
+            f"deepspeed.train_batch_size={global_batch} is not divisible by "
+            f"train_micro_batch_size_per_gpu={micro_batch} x world size {world_size} = {per_step}"
+        )
+    return global_batch // per_step
+
+
+def zero_stage(deepspeed: dict[str, Any]) -> int:
+    """The ZeRO stage of a DeepSpeed config (0 when absent)."""
+    stage = (deepspeed.get("zero_optimization") or {}).get("stage", 0)
+    if isinstance(stage, bool) or not isinstance(stage, int) or stage not in (0, 1, 2, 3):
+        raise UserError(f"deepspeed.zero_optimization.stage: expected 0, 1, 2 or 3, got {stage!r}")
+    return stage
+
+
+def resolve_deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config for this run: gradient accumulation computed, scheduler length filled in.
+
+    Args:
+        config: The training config; ``deepspeed.train_batch_size`` is the fixed global batch.
+        world_size: Number of data-parallel ranks.
+
+    Raises:
+        UserError: Batch sizes missing or not divisible, or a given gradient_accumulation_steps disagrees.
+    """
+    resolved = copy.deepcopy(config.deepspeed)
+    global_batch = _positive_int(resolved, "train_batch_size")
+    micro_batch = _positive_int(resolved, "train_micro_batch_size_per_gpu")
+    accumulation = gradient_accumulation_steps(global_batch, micro_batch, world_size)
+    given = resolved.get("gradient_accumulation_steps")
+    if given is not None and given != accumulation:
+        raise UserError(
+            f"deepspeed.gradient_accumulation_steps={given!r} disagrees with train_batch_size={global_batch} / "
+            f"(micro {micro_batch} x world size {world_size}) = {accumulation}; leave it out, it is computed"
+        )
+    resolved["gradient_accumulation_steps"] = accumulation
+    zero_stage(resolved)
+    scheduler = resolved.get("scheduler")
+    if isinstance(scheduler, dict) and scheduler.get("type") in SCHEDULERS_WITH_LENGTH:
+        params = scheduler.setdefault("params", {})
+        params.setdefault("total_num_steps", config.train.total_steps)
+    return resolved
