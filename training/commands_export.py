@@ -1,0 +1,76 @@
+"""``pretrain export``: consolidate a run's ZeRO checkpoint into a portable safetensors directory.
+
+pretrain export runs/tiny --out exports/tiny                       # newest complete checkpoint, native fp32
+pretrain export runs/base --out exports/base-hf --format hf --dtype bf16
+pretrain export runs/base --out exports/base-200 --step 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from data_pipeline.errors import UserError
+
+
+def _step(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a step number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a step number >= 0, got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``pretrain export``."""
+    parser.add_argument("run_dir", help="training run directory (holds checkpoints/)")
+    parser.add_argument("--out", required=True, help="export directory to write")
+    parser.add_argument("--step", type=_step, default=None, help="checkpoint step (default: newest complete)")
+    parser.add_argument("--format", default="native", help="native (our layout) or hf (transformers)")
+    parser.add_argument("--dtype", default="fp32", help="stored weight dtype: fp32, bf16 or fp16")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="spm.model to include when the run's data folder has moved (checked against its sha256)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Consolidate, cast, write; print a short summary. Imports torch and DeepSpeed only now."""
+    from training import export
+
+    if getattr(args, "passthrough", None):
+        raise UserError(f"pretrain export takes no arguments after `--`, got {args.passthrough}")
+    export.check_options(args.format, args.dtype)  # before the (long) consolidation
+    started = time.perf_counter()
+    run_dir, out_dir = Path(args.run_dir), Path(args.out)
+    tokenizer = Path(args.tokenizer) if args.tokenizer else None
+    model_config, state_dict, spm_model_path, card = export.read_run_checkpoint(
+        run_dir, args.step, export.DTYPES[args.dtype], tokenizer
+    )
+    export.write_export(
+        out_dir, state_dict, model_config, spm_model_path, fmt=args.format, dtype=args.dtype, card=card
+    )
+    parameters = sum(t.numel() for n, t in state_dict.items() if n not in export.TIED_ALIASES)
+    del state_dict
+    size = (out_dir / export.WEIGHTS_FILE).stat().st_size
+    rows = [
+        ("checkpoint", card["source"]),
+        ("step", str(card["training"].get("step"))),
+        ("format / dtype", f"{args.format} / {args.dtype}"),
+        ("parameters", f"{parameters:,}"),
+        ("weights", f"{out_dir / export.WEIGHTS_FILE} ({size / 2**20:.1f} MiB)"),
+        ("files", ", ".join(sorted(path.name for path in out_dir.iterdir()))),
+        ("time", f"{time.perf_counter() - started:.1f} s"),
+    ]
+    rows += [("note", note) for note in card.get("notes", [])]
+    if args.format == "hf":
+        problem = export.hf_tokenizer_problem(spm_model_path)
+        if problem:
+            rows.append(("note", f"no HF tokenizer.json: {problem}"))
+    width = max(len(name) for name, _ in rows)
+    print("\n".join(f"{name.ljust(width)}  {value}" for name, value in rows))
+    return 0
