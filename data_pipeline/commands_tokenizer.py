@@ -1,0 +1,150 @@
+"""`pretrain tokenizer`: train SentencePiece with the BERT specials on a sample of the corpus.
+
+pretrain tokenizer corpus/*.jsonl.gz --out tok/ --vocab-size 32000
+pretrain tokenizer books/ --txt-docs paragraph --out tok/ --vocab-size 8000 --model-type bpe
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+from data_pipeline.errors import UserError
+from data_pipeline.readers import FORMATS, TXT_DOC_MODES, ReaderOptions
+from data_pipeline.tokenizer import (
+    MODEL_TYPES,
+    VOCAB_FILE,
+    SampleStats,
+    load_processor,
+    special_ids,
+    train_sentencepiece,
+    trainer_options,
+    write_sentences,
+)
+
+
+def hide_optional_gcp_warning() -> None:
+    """Drop the warning Beam logs at import when its optional GCP client libraries are absent.
+
+    It says nothing about this job (which names no BigQuery input) yet would open every run's output.
+    """
+    logging.getLogger().addFilter(lambda record: "apitools not found" not in record.getMessage())
+
+
+def add_reader_arguments(parser: argparse.ArgumentParser) -> None:
+    """The reader options shared by `tokenizer` and `prepare text`."""
+    parser.add_argument(
+        "--input-format",
+        choices=FORMATS,
+        default=None,
+        help="input format; unset: each file's extension decides",
+    )
+    parser.add_argument(
+        "--txt-docs",
+        choices=TXT_DOC_MODES,
+        default="file",
+        help="a .txt document is a whole file or a paragraph",
+    )
+    parser.add_argument("--text-field", default="text", help="the JSON key holding the text in .jsonl inputs")
+    parser.add_argument(
+        "--text-column", default="text", help="the column holding the text in .parquet inputs"
+    )
+
+
+def reader_options(args: argparse.Namespace) -> ReaderOptions:
+    """:class:`ReaderOptions` from the parsed reader arguments."""
+    return ReaderOptions(args.input_format, args.txt_docs, args.text_field, args.text_column)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help="files, directories, globs or filesystem URLs"
+    )
+    parser.add_argument("--out", required=True, help="local directory for spm.model and spm.vocab")
+    parser.add_argument(
+        "--vocab-size", type=int, required=True, help="pieces in the vocabulary, specials included"
+    )
+    parser.add_argument(
+        "--model-type", choices=MODEL_TYPES, default="unigram", help="SentencePiece model type"
+    )
+    parser.add_argument(
+        "--max-docs", type=int, default=100_000, help="documents sampled: the first N in sorted input order"
+    )
+    parser.add_argument("--seed", type=int, default=12345, help="seed of SentencePiece's sentence sampling")
+    parser.add_argument(
+        "--character-coverage", type=float, default=0.9995, help="share of characters given their own piece"
+    )
+    add_reader_arguments(parser)
+
+
+def sample_documents(
+    paths: list[str], reader: ReaderOptions, max_docs: int, stats: SampleStats
+) -> Iterator[str]:
+    """Normalised texts of the first ``max_docs`` documents of ``paths`` (in that order); rejects counted."""
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+
+    from data_pipeline.cleaning import normalize_text
+    from data_pipeline.readers import Reject, read_records
+
+    def opener(path: str):
+        return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+
+    for path in paths:
+        for record in read_records(path, opener, reader):
+            if isinstance(record, Reject):
+                stats.rejected[record.reason] = stats.rejected.get(record.reason, 0) + 1
+                continue
+            text = normalize_text(record.text)
+            if not text:
+                stats.rejected["empty"] = stats.rejected.get("empty", 0) + 1
+                continue
+            stats.documents += 1
+            yield text
+            if stats.documents >= max_docs:
+                return
+
+
+def run(args: argparse.Namespace) -> int:
+    hide_optional_gcp_warning()
+    from data_pipeline.inputs import expand_inputs
+    from data_pipeline.readers import detect_format
+    from data_pipeline.sentences import split_sentences
+
+    if "://" in args.out:
+        raise UserError(f"--out {args.out}: must be a local directory (SentencePiece writes local files)")
+    if args.max_docs < 1:
+        raise UserError(f"--max-docs {args.max_docs}: must be at least 1")
+    options = trainer_options(args.vocab_size, args.model_type, args.character_coverage)
+    reader = reader_options(args)
+    paths = [f.path for f in expand_inputs(args.inputs)]
+    for path in paths:
+        detect_format(path, reader)
+    started = time.monotonic()
+    stats = SampleStats()
+    with tempfile.TemporaryDirectory(prefix="pretrain-tokenizer-") as workdir:
+        sentence_file = os.path.join(workdir, "sentences.txt")
+        with open(sentence_file, "w", encoding="utf-8") as sink:
+            for text in sample_documents(paths, reader, args.max_docs, stats):
+                write_sentences(split_sentences(text), sink, stats)
+        if stats.sentences == 0:
+            raise UserError(
+                f"no text read from {' '.join(args.inputs)} (rejected: {stats.rejected or 'none'})"
+            )
+        print(
+            f"pretrain tokenizer: {stats.documents:,} documents, {stats.sentences:,} sentences, "
+            f"{stats.characters / 1e6:,.1f} M characters from {len(paths)} files; rejected {stats.rejected or 'none'}",
+            file=sys.stderr,
+        )
+        model_path = train_sentencepiece(sentence_file, args.out, options, seed=args.seed)
+    processor = load_processor(model_path)
+    print(
+        f"wrote {model_path} and {os.path.join(args.out, VOCAB_FILE)}: {processor.GetPieceSize():,} pieces "
+        f"({args.model_type}), specials {special_ids(processor)}, {time.monotonic() - started:,.1f} s"
+    )
+    return 0

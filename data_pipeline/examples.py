@@ -1,0 +1,423 @@
+"""BERT example building (NSP, SOP, FULL-SENTENCES) and the compact codecs between pipeline stages.
+
+Everything here is a pure function of (token arrays, options, seeded rng): no I/O and no Beam, so the unit
+tests call it directly. A *document* is a list of sentences, each a 1-D integer array of token ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from itertools import chain
+
+import numpy as np
+from numpy.typing import NDArray
+
+from data_pipeline.shard_format import SEP_ID, Example
+
+OBJECTIVES = ("nsp", "sop", "none")
+SPLITS = ("train", "val")
+DOCUMENTS_PER_BUCKET = 1000
+
+Document = list[NDArray[np.integer]]
+
+
+@dataclass(frozen=True)
+class ExampleOptions:
+    """How sequences are cut from documents."""
+
+    objective: str = "nsp"
+    """``nsp`` (BERT next-sentence), ``sop`` (ALBERT sentence order) or ``none`` (RoBERTa packing)."""
+    seq_len: int = 128
+    """Sequence length INCLUDING the ``[CLS]``/``[SEP]`` framing tokens."""
+    short_seq_prob: float = 0.1
+    """Probability that a document's pairs target a random shorter length (``nsp``/``sop``)."""
+
+    @property
+    def max_content_tokens(self) -> int:
+        """Content tokens per sequence: ``seq_len`` minus 3 framing tokens for pairs, 2 for ``none``."""
+        return self.seq_len - (2 if self.objective == "none" else 3)
+
+
+# --------------------------------------------------------------------------------------- pair building
+
+
+def truncate_pair(
+    tokens_a: NDArray[np.integer], tokens_b: NDArray[np.integer], max_tokens: int, rng: random.Random
+) -> tuple[NDArray[np.integer], NDArray[np.integer]]:
+    """BERT's ``truncate_seq_pair`` in closed form: trim the longer side, one token at a random end.
+
+    BERT removes one token at a time from the longer segment (B on a tie), from the front or the back
+    with probability 1/2 each. The number removed from each side follows from the lengths alone, and the
+    number of those taken from the front is then Binomial(removed, 1/2): the same distribution, without a
+    Python loop per token.
+    """
+    excess = len(tokens_a) + len(tokens_b) - max_tokens
+    if excess <= 0:
+        return tokens_a, tokens_b
+    balance = min(excess, abs(len(tokens_a) - len(tokens_b)))
+    rest = excess - balance
+    cut_a, cut_b = rest // 2, rest - rest // 2
+    if len(tokens_a) > len(tokens_b):
+        cut_a += balance
+    else:
+        cut_b += balance
+    return _trim(tokens_a, cut_a, rng), _trim(tokens_b, cut_b, rng)
+
+
+def _trim(tokens: NDArray[np.integer], count: int, rng: random.Random) -> NDArray[np.integer]:
+    if count == 0:
+        return tokens
+    front = rng.getrandbits(count).bit_count()  # Binomial(count, 1/2): one fair coin per token
+    return tokens[front : len(tokens) - (count - front)]
+
+
+def _target_length(max_tokens: int, short_seq_prob: float, rng: random.Random) -> int:
+    # Short sequences now and then so that the model also sees lengths it meets at fine-tuning time.
+    if rng.random() < short_seq_prob:
+        return rng.randrange(2, max_tokens + 1)
+    return max_tokens
+
+
+def _random_segment(
+    documents: Sequence[Document], doc_index: int, target_length: int, rng: random.Random
+) -> NDArray[np.integer]:
+    """Contiguous sentences of another document, from a random start, until ``target_length`` is met."""
+    other = doc_index
+    if len(documents) > 1:
+        other = rng.randrange(0, len(documents) - 1)
+        other += other >= doc_index  # skip the document itself
+    document = documents[other]
+    parts: list[NDArray[np.integer]] = []
+    length = 0
+    for sentence in document[rng.randrange(0, len(document)) :]:
+        parts.append(sentence)
+        length += len(sentence)
+        if length >= target_length:
+            break
+    return np.concatenate(parts)
+
+
+def nsp_examples(
+    documents: Sequence[Document],
+    doc_index: int,
+    max_tokens: int,
+    short_seq_prob: float,
+    rng: random.Random,
+) -> list[Example]:
+    """BERT's ``create_instances_from_document`` for document ``doc_index`` (label 1 = B is random).
+
+    One deliberate change keeps the random-next share at 1/2: a chunk of a single sentence is split
+    inside that sentence for a true continuation, where BERT always made it a random next (which pushes
+    the random share above 1/2 when sentences are long). Only a one-token chunk is forced random.
+    """
+    document = documents[doc_index]
+    target = _target_length(max_tokens, short_seq_prob, rng)
+    examples: list[Example] = []
+    chunk: list[NDArray[np.integer]] = []
+    length, i = 0, 0
+    while i < len(document):
+        chunk.append(document[i])
+        length += len(document[i])
+        if i == len(document) - 1 or length >= target:
+            a_end = rng.randrange(1, len(chunk)) if len(chunk) >= 2 else 1
+            tokens_a = np.concatenate(chunk[:a_end])
+            random_next = rng.random() < 0.5 or (len(chunk) == 1 and len(tokens_a) < 2)
+            if random_next:
+                tokens_b = _random_segment(documents, doc_index, target - len(tokens_a), rng)
+                i -= len(chunk) - a_end  # the unused sentences start the next chunk
+            elif len(chunk) == 1:
+                cut = rng.randrange(1, len(tokens_a))
+                tokens_a, tokens_b = tokens_a[:cut], tokens_a[cut:]
+            else:
+                tokens_b = np.concatenate(chunk[a_end:])
+            tokens_a, tokens_b = truncate_pair(tokens_a, tokens_b, max_tokens, rng)
+            examples.append(Example(tokens_a, tokens_b, int(random_next)))
+            chunk, length = [], 0
+        i += 1
+    return examples
+
+
+def sop_examples(
+    document: Document, max_tokens: int, short_seq_prob: float, rng: random.Random
+) -> list[Example]:
+    """ALBERT sentence-order pairs: A and B consecutive, swapped with probability 1/2 (label 1 = swapped).
+
+    A single-sentence chunk is split inside the sentence; a one-token chunk cannot form a pair and is
+    left out.
+    """
+    target = _target_length(max_tokens, short_seq_prob, rng)
+    examples: list[Example] = []
+    chunk: list[NDArray[np.integer]] = []
+    length = 0
+    for i, sentence in enumerate(document):
+        chunk.append(sentence)
+        length += len(sentence)
+        if i < len(document) - 1 and length < target:
+            continue
+        if len(chunk) >= 2:
+            a_end = rng.randrange(1, len(chunk))
+            tokens_a, tokens_b = np.concatenate(chunk[:a_end]), np.concatenate(chunk[a_end:])
+        elif length >= 2:
+            cut = rng.randrange(1, length)
+            tokens_a, tokens_b = chunk[0][:cut], chunk[0][cut:]
+        else:
+            chunk, length = [], 0
+            continue
+        swapped = rng.random() < 0.5
+        if swapped:
+            tokens_a, tokens_b = tokens_b, tokens_a
+        tokens_a, tokens_b = truncate_pair(tokens_a, tokens_b, max_tokens, rng)
+        examples.append(Example(tokens_a, tokens_b, int(swapped)))
+        chunk, length = [], 0
+    return examples
+
+
+def full_sentence_examples(documents: Sequence[Document], max_tokens: int) -> list[tuple[int, Example]]:
+    """RoBERTa FULL-SENTENCES: contiguous sentences packed up to ``max_tokens``, crossing documents.
+
+    A ``[SEP]`` token marks each document boundary inside a sequence (never first or last). Returns
+    ``(index of the document the sequence starts in, example)`` pairs; ``len_b`` is always 0.
+    """
+    examples: list[tuple[int, Example]] = []
+    parts: list[NDArray[np.integer]] = []
+    length, origin = 0, 0
+    separator = np.array([SEP_ID], dtype=np.int64)
+
+    def flush() -> None:
+        nonlocal parts, length
+        if parts and parts[-1] is separator:
+            parts.pop()
+        if parts:
+            examples.append((origin, Example(np.concatenate(parts), np.empty(0, np.int64), 0)))
+        parts, length = [], 0
+
+    for doc_index, document in enumerate(documents):
+        if parts:
+            parts.append(separator)
+            length += 1
+        for sentence in document:
+            if length + len(sentence) > max_tokens:
+                flush()
+            if not parts:
+                origin = doc_index
+            parts.append(sentence)
+            length += len(sentence)
+    flush()
+    return examples
+
+
+def cap_sentences(document: Document, max_tokens: int) -> Document:
+    """Drop empty sentences and cut any sentence longer than ``max_tokens`` to its first ``max_tokens``."""
+    return [sentence[:max_tokens] for sentence in document if len(sentence)]
+
+
+# ------------------------------------------------------------------------------------ bucket building
+
+
+def example_sort_key(seed: int, doc_hash: bytes, example_index: int, dupe: int) -> int:
+    """The 64-bit global-shuffle key of an example; also picks its shard (``key % num_shards``)."""
+    payload = struct.pack("<Q", seed % (1 << 64)) + doc_hash + struct.pack("<QI", example_index, dupe)
+    return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little")
+
+
+def bucket_rng(seed: int, split: str, bucket: int, dupe: int) -> random.Random:
+    """The random stream of one (split, bucket, dupe): independent of element order and worker count.
+
+    Python's generator rather than numpy's: example building draws a few numbers at a time, where
+    numpy's per-call overhead would dominate.
+    """
+    key = hashlib.blake2b(f"{seed}/{split}/{bucket}/{dupe}".encode(), digest_size=8).digest()
+    return random.Random(int.from_bytes(key, "little"))
+
+
+def build_bucket_examples(
+    documents: Sequence[Document],
+    doc_hashes: Sequence[bytes],
+    options: ExampleOptions,
+    seed: int,
+    split: str,
+    bucket: int,
+    dupe: int,
+) -> list[tuple[int, Example]]:
+    """All examples of one bucket for one dupe pass, each with its sort key.
+
+    Args:
+        documents: The bucket's documents, sorted by hash; sentences need not be capped yet.
+        doc_hashes: ``document_hash`` of each document (same order).
+        options: Objective and lengths.
+        seed: The job seed.
+        split: ``train`` or ``val``.
+        bucket: The bucket id within the split.
+        dupe: Which of the ``dupe_factor`` passes this is (each has its own random stream).
+    """
+    rng = bucket_rng(seed, split, bucket, dupe)
+    max_tokens = options.max_content_tokens
+    capped = [cap_sentences(document, max_tokens) for document in documents]
+    keep = [i for i, document in enumerate(capped) if document]
+    capped, hashes = [capped[i] for i in keep], [doc_hashes[i] for i in keep]
+    if options.objective == "none":
+        order = list(range(len(capped)))
+        rng.shuffle(order)  # a different packing per dupe pass
+        packed = full_sentence_examples([capped[i] for i in order], max_tokens)
+        tagged = [(order[origin], example) for origin, example in packed]
+    elif options.objective == "nsp":
+        tagged = [
+            (i, example)
+            for i in range(len(capped))
+            for example in nsp_examples(capped, i, max_tokens, options.short_seq_prob, rng)
+        ]
+    else:
+        tagged = [
+            (i, example)
+            for i, document in enumerate(capped)
+            for example in sop_examples(document, max_tokens, options.short_seq_prob, rng)
+        ]
+    counters: dict[int, int] = {}
+    keyed = []
+    for origin, example in tagged:
+        index = counters.get(origin, 0)
+        counters[origin] = index + 1
+        keyed.append((example_sort_key(seed, hashes[origin], index, dupe), example))
+    return keyed
+
+
+# ------------------------------------------------------------------------------ splits, buckets, shards
+
+
+def split_of(doc_hash: bytes, val_fraction: float) -> str:
+    """``val`` when the first 8 hash bytes, read as a fraction of 2**64, fall below ``val_fraction``.
+
+    A function of the document alone, so a document stays in its split across runs and seeds.
+    """
+    return "val" if int.from_bytes(doc_hash[:8], "big") / 2**64 < val_fraction else "train"
+
+
+def bucket_of(doc_hash: bytes, num_buckets: int) -> int:
+    """The bucket of a document: its last 8 hash bytes modulo ``num_buckets`` (independent of the split)."""
+    return int.from_bytes(doc_hash[8:16], "big") % num_buckets
+
+
+def bucket_count(documents: int, documents_per_bucket: int = DOCUMENTS_PER_BUCKET) -> int:
+    """Buckets for ``documents`` kept documents, so that a bucket holds about ``documents_per_bucket``."""
+    return max(1, math.ceil(documents / documents_per_bucket))
+
+
+def estimated_shard_bytes(samples: int, tokens: int, itemsize: int, chunk_sequences: int = 4096) -> int:
+    """Approximate tar bytes for ``samples`` sequences of ``tokens`` tokens in total."""
+    chunks = math.ceil(samples / chunk_sequences)
+    # Per chunk: two tar headers (512 B each) plus two .npy headers (128 B) plus padding (~512 B).
+    return tokens * itemsize + samples * 6 + chunks * 2048
+
+
+def shard_count(estimated_bytes: int, shard_mb: float) -> int:
+    """``max(1, ceil(estimated_bytes / shard_mb MiB))``."""
+    return max(1, math.ceil(estimated_bytes / (shard_mb * 2**20)))
+
+
+def planned_shards(
+    document_tokens: int, dupe_factor: int, options: ExampleOptions, itemsize: int, shard_mb: float
+) -> int:
+    """Shards of a split, planned before its examples exist from the tokens of its kept documents.
+
+    Each dupe pass turns about every document token into one example token, in sequences of about
+    ``max_content_tokens``; the estimate only sets how many shards there are, never their content.
+    """
+    tokens = document_tokens * dupe_factor
+    samples = math.ceil(tokens / options.max_content_tokens)
+    return shard_count(estimated_shard_bytes(samples, tokens, itemsize), shard_mb)
+
+
+# ------------------------------------------------------------------------------------------- codecs
+
+_DOC_HEADER = struct.Struct("<BI")
+_EXAMPLE_HEADER = struct.Struct("<BHHB")
+
+
+def pack_document(sentences: Sequence[Sequence[int]], dtype: np.dtype) -> bytes:
+    """Tokenised sentences as one compact blob: itemsize, count, uint32 lengths, then the tokens."""
+    lengths = np.fromiter((len(sentence) for sentence in sentences), np.uint32, count=len(sentences))
+    tokens = np.fromiter(chain.from_iterable(sentences), dtype, count=int(lengths.sum()))
+    return _DOC_HEADER.pack(dtype.itemsize, len(sentences)) + lengths.tobytes() + tokens.tobytes()
+
+
+def unpack_document(blob: bytes) -> Document:
+    """Inverse of :func:`pack_document` (arrays are read-only views of ``blob``)."""
+    itemsize, count = _DOC_HEADER.unpack_from(blob)
+    lengths = np.frombuffer(blob, np.uint32, count, _DOC_HEADER.size)
+    tokens = np.frombuffer(blob, np.dtype(f"<u{itemsize}"), offset=_DOC_HEADER.size + 4 * count)
+    ends = np.cumsum(lengths, dtype=np.int64).tolist()
+    # Plain slicing: np.split costs several times more for the ~30 sentences of a document.
+    return [tokens[start:end] for start, end in zip([0, *ends[:-1]], ends)]
+
+
+def document_token_count(blob: bytes) -> int:
+    """Tokens of a packed document, from its size alone."""
+    itemsize, count = _DOC_HEADER.unpack_from(blob)
+    return (len(blob) - _DOC_HEADER.size - 4 * count) // itemsize
+
+
+def pack_example(example: Example, dtype: np.dtype) -> bytes:
+    """One example as a blob: itemsize, len_a, len_b, label, then the A and B tokens."""
+    header = _EXAMPLE_HEADER.pack(dtype.itemsize, len(example.tokens_a), len(example.tokens_b), example.label)
+    return (
+        header
+        + np.asarray(example.tokens_a).astype(dtype, copy=False).tobytes()
+        + np.asarray(example.tokens_b).astype(dtype, copy=False).tobytes()
+    )
+
+
+def unpack_example(blob: bytes) -> Example:
+    """Inverse of :func:`pack_example`."""
+    itemsize, len_a, len_b, label = _EXAMPLE_HEADER.unpack_from(blob)
+    tokens = np.frombuffer(blob, np.dtype(f"<u{itemsize}"), offset=_EXAMPLE_HEADER.size)
+    return Example(tokens[:len_a], tokens[len_a : len_a + len_b], label)
+
+
+def example_token_count(blob: bytes) -> int:
+    """Content tokens of a packed example, read from its header only."""
+    _, len_a, len_b, _ = _EXAMPLE_HEADER.unpack_from(blob)
+    return len_a + len_b
+
+
+def pack_keyed_examples(items: Sequence[tuple[int, bytes]]) -> bytes:
+    """Many ``(sort key, example blob)`` pairs as one blob: count, uint64 keys, uint32 sizes, blobs.
+
+    One element per (bucket, shard) instead of one per example: the runner's per-element cost is
+    paid a few hundred times, not millions.
+    """
+    keys = np.fromiter((key for key, _ in items), np.uint64, count=len(items))
+    sizes = np.fromiter((len(blob) for _, blob in items), np.uint32, count=len(items))
+    return struct.pack("<Q", len(items)) + keys.tobytes() + sizes.tobytes() + b"".join(b for _, b in items)
+
+
+def unpack_keyed_examples(blob: bytes) -> list[tuple[int, bytes]]:
+    """Inverse of :func:`pack_keyed_examples`."""
+    (count,) = struct.unpack_from("<Q", blob)
+    keys = np.frombuffer(blob, np.uint64, count, 8).tolist()
+    sizes = np.frombuffer(blob, np.uint32, count, 8 + 8 * count)
+    ends = (np.cumsum(sizes, dtype=np.int64) + 8 + 12 * count).tolist()
+    starts = [8 + 12 * count, *ends[:-1]]
+    return [(key, blob[start:end]) for key, start, end in zip(keys, starts, ends)]
+
+
+def select_representatives(
+    records: Iterable[tuple[bytes, str, int, bytes]],
+) -> tuple[list[tuple[bytes, str, int, bytes]], list[tuple[bytes, str, int, bytes]]]:
+    """Exact de-duplication: per hash keep the smallest ``(source, index)``; the rest are duplicates.
+
+    Args:
+        records: ``(doc_hash, source, index, payload)`` tuples in any order.
+
+    Returns:
+        ``(kept, duplicates)``, both sorted by ``(hash, source, index)``.
+    """
+    kept: list[tuple[bytes, str, int, bytes]] = []
+    duplicates: list[tuple[bytes, str, int, bytes]] = []
+    for record in sorted(records, key=lambda r: (r[0], r[1], r[2])):
+        (duplicates if kept and kept[-1][0] == record[0] else kept).append(record)
+    return kept, duplicates

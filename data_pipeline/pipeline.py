@@ -1,0 +1,507 @@
+"""The `prepare text` Beam job: one composite per stage, thin DoFns over the pure functions they call.
+
+read -> clean -> tokenise -> (split, bucket) -> de-dup + examples -> global shuffle -> shards
+                                                                    rejects/<reason>.jsonl
+                                                                    manifest.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.pvalue import AsDict, AsList, AsSingleton, TaggedOutput
+
+from data_pipeline import examples as ex
+from data_pipeline.cleaning import check_length, document_hash, normalize_text
+from data_pipeline.manifest import build_manifest, document_counts, manifest_text
+from data_pipeline.readers import ReaderOptions, Reject, read_records
+from data_pipeline.sentences import split_sentences
+from data_pipeline.shard_format import MANIFEST_NAME, token_dtype, write_shard
+from data_pipeline.tokenizer import encode_sentences, load_processor
+
+REJECTS = "rejects"
+COUNT = "count"
+PROGRESS_SECONDS = 10.0
+# A reject record between stages: (reason, source, offset, payload).
+RejectRecord = tuple[str, str, "int | None", str]
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything the stages need; plain data, pickled into the DoFns."""
+
+    output: str
+    """Output directory, local or any Beam filesystem URL."""
+    model_proto: bytes
+    """The serialized SentencePiece model (shipped to workers inside the DoFns)."""
+    vocab_size: int
+    """Pieces in the model; picks the token dtype."""
+    reader: ReaderOptions
+    """Input format and field choices."""
+    min_doc_chars: int
+    """Shorter normalised documents are ``too_short`` rejects."""
+    example: ex.ExampleOptions
+    """Objective and sequence lengths."""
+    dupe_factor: int
+    """Example-building passes over every document."""
+    seed: int
+    """Seeds example building and the shuffle keys."""
+    val_fraction: float
+    """Share of documents (by hash) in the val split."""
+    shard_mb: float
+    """Target shard size in MiB."""
+
+    @property
+    def token_dtype(self) -> np.dtype:
+        return token_dtype(self.vocab_size)
+
+
+def _stored_path(output: str, relative: str) -> str:
+    return FileSystems.join(output, *relative.split("/"))
+
+
+def write_atomically(path: str, payload: Iterable[bytes] | bytes) -> None:
+    """Write to a unique temporary name, then rename: a retried or crashed write never shows."""
+    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+    with FileSystems.create(temporary, compression_type=CompressionTypes.UNCOMPRESSED) as sink:
+        for block in [payload] if isinstance(payload, bytes) else payload:
+            sink.write(block)
+    FileSystems.rename([temporary], [path])
+
+
+# ----------------------------------------------------------------------------------------------- read
+
+
+class _ReadFileFn(beam.DoFn):
+    """Stream one input file through the readers: documents out, rejects to the dead-letter output."""
+
+    def __init__(self, reader: ReaderOptions) -> None:
+        self.reader = reader
+        self.documents = Metrics.counter("read", "documents")
+        self.last_report = 0.0
+        self.progress = [0, 0]  # documents, characters read by this worker
+
+    def setup(self) -> None:
+        self.last_report = time.monotonic()
+
+    def process(self, path: str) -> Iterator[Any]:
+        def opener(name: str) -> Any:
+            return FileSystems.open(name, compression_type=CompressionTypes.UNCOMPRESSED)
+
+        records = 0
+        for record in read_records(path, opener, self.reader):
+            records += 1
+            if isinstance(record, Reject):
+                Metrics.counter("rejects", record.reason).inc()
+                yield TaggedOutput(REJECTS, (record.reason, record.source, record.offset, record.payload))
+                continue
+            self.documents.inc()
+            self._report(len(record.text))
+            yield (record.source, record.index, record.text)
+        yield TaggedOutput(COUNT, records)
+
+    def _report(self, characters: int) -> None:
+        # A line every PROGRESS_SECONDS per worker at most: never per element.
+        self.progress[0] += 1
+        self.progress[1] += characters
+        now = time.monotonic()
+        if now - self.last_report >= PROGRESS_SECONDS:
+            self.last_report = now
+            print(
+                f"[read] this worker: {self.progress[0]:,} documents, {self.progress[1] / 1e6:,.1f} M characters",
+                file=sys.stderr,
+            )
+
+
+class ReadDocuments(beam.PTransform):
+    """Input paths -> ``(source, index, text)`` documents, reject records and per-file record counts."""
+
+    def __init__(self, paths: list[str], reader: ReaderOptions) -> None:
+        super().__init__()
+        self.paths = paths
+        self.reader = reader
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.pvalue.DoOutputsTuple:
+        return (
+            pbegin
+            | "Paths" >> beam.Create(self.paths)
+            # Spread the files over workers: Create alone would hand them all to one bundle.
+            | "Spread" >> beam.Reshuffle()
+            | "Read" >> beam.ParDo(_ReadFileFn(self.reader)).with_outputs(REJECTS, COUNT, main="documents")
+        )
+
+
+# ------------------------------------------------------------------------------------ clean, tokenise
+
+
+def clean_document(
+    source: str, index: int, text: str, min_doc_chars: int
+) -> tuple[bytes, str, int, str] | RejectRecord:
+    """A normalised ``(hash, source, index, text)``, or a ``too_short`` reject record."""
+    normalized = normalize_text(text)
+    reason = check_length(normalized, min_doc_chars)
+    if reason is not None:
+        return (reason, source, index, normalized)
+    return (document_hash(normalized), source, index, normalized)
+
+
+class _CleanFn(beam.DoFn):
+    def __init__(self, min_doc_chars: int) -> None:
+        self.min_doc_chars = min_doc_chars
+
+    def process(self, document: tuple[str, int, str]) -> Iterator[Any]:
+        cleaned = clean_document(*document, self.min_doc_chars)
+        if isinstance(cleaned[0], str):
+            Metrics.counter("rejects", cleaned[0]).inc()
+            yield TaggedOutput(REJECTS, cleaned)
+        else:
+            yield cleaned
+
+
+class _TokenizeFn(beam.DoFn):
+    """Sentence-split and encode a document; the model is loaded once per DoFn instance."""
+
+    def __init__(self, model_proto: bytes, dtype: np.dtype) -> None:
+        self.model_proto = model_proto
+        self.dtype = dtype
+        self.processor: Any = None
+
+    def setup(self) -> None:
+        self.processor = load_processor(model_proto=self.model_proto)
+
+    def process(self, document: tuple[bytes, str, int, str]) -> Iterator[tuple[bytes, str, int, bytes]]:
+        doc_hash, source, index, text = document
+        sentences = encode_sentences(self.processor, split_sentences(text))
+        yield (doc_hash, source, index, ex.pack_document(sentences, self.dtype))
+
+
+class CleanDocuments(beam.PTransform):
+    """Documents -> normalised ``(hash, source, index, text)`` and ``too_short`` reject records.
+
+    Exact de-duplication by hash happens later, inside each bucket of ``BuildExamples``: every copy
+    of a text falls in the same bucket, so the text needs no shuffle of its own.
+    """
+
+    def __init__(self, min_doc_chars: int) -> None:
+        super().__init__()
+        self.min_doc_chars = min_doc_chars
+
+    def expand(self, documents: beam.PCollection) -> beam.pvalue.DoOutputsTuple:
+        return documents | "Clean" >> beam.ParDo(_CleanFn(self.min_doc_chars)).with_outputs(
+            REJECTS, main="clean"
+        )
+
+
+class TokenizeDocuments(beam.PTransform):
+    """Clean documents -> ``(hash, source, index, token blob)``: sentences, then one encode call each."""
+
+    def __init__(self, model_proto: bytes, dtype: np.dtype) -> None:
+        super().__init__()
+        self.model_proto = model_proto
+        self.dtype = dtype
+
+    def expand(self, documents: beam.PCollection) -> beam.PCollection:
+        return documents | "Tokenize" >> beam.ParDo(_TokenizeFn(self.model_proto, self.dtype))
+
+
+# ------------------------------------------------------------------------------- de-dup and examples
+
+
+def _add_pair(left: Iterable[tuple[int, int]]) -> tuple[int, int]:
+    samples = tokens = 0
+    for count, size in left:
+        samples += count
+        tokens += size
+    return samples, tokens
+
+
+class _BuildBucketFn(beam.DoFn):
+    """One bucket: exact de-dup, ``dupe_factor`` passes of example building, examples batched per shard."""
+
+    def __init__(self, config: JobConfig) -> None:
+        self.config = config
+
+    def process(
+        self,
+        element: tuple[tuple[str, int], Iterable[tuple[bytes, str, int, bytes]]],
+        totals: dict[str, tuple[int, int]],
+    ) -> Iterator[Any]:
+        (split, bucket), records = element
+        kept, duplicates = ex.select_representatives(records)
+        representative = {doc_hash: (source, index) for doc_hash, source, index, _ in kept}
+        for doc_hash, source, index, _ in duplicates:
+            kept_source, kept_index = representative[doc_hash]
+            Metrics.counter("rejects", "duplicate").inc()
+            yield TaggedOutput(
+                REJECTS, ("duplicate", source, index, f"same text as {kept_source}:{kept_index}")
+            )
+        yield TaggedOutput(COUNT, len(kept))
+        config = self.config
+        shards = ex.planned_shards(
+            totals[split][1], config.dupe_factor, config.example, config.token_dtype.itemsize, config.shard_mb
+        )
+        documents = [ex.unpack_document(blob) for _, _, _, blob in kept]
+        hashes = [doc_hash for doc_hash, _, _, _ in kept]
+        per_shard: dict[int, list[tuple[int, bytes]]] = {}
+        for dupe in range(config.dupe_factor):
+            keyed = ex.build_bucket_examples(
+                documents, hashes, config.example, config.seed, split, bucket, dupe
+            )
+            for sort_key, example in keyed:
+                item = (sort_key, ex.pack_example(example, config.token_dtype))
+                per_shard.setdefault(sort_key % shards, []).append(item)
+        for shard, items in sorted(per_shard.items()):
+            yield ((split, shard), ex.pack_keyed_examples(items))
+
+
+class BuildExamples(beam.PTransform):
+    """Token blobs -> ``((split, shard), examples batch)``, duplicate rejects and the kept count.
+
+    Documents are grouped by (split, bucket of their hash): every copy of a text lands in the same
+    bucket, so de-duplication and random-next sampling both need one bucket in memory, never the
+    corpus. A side input of kept documents and tokens per split sets the bucket count (~1000
+    documents each) and the shard count (``--shard-mb``); an example's shard is its sort key modulo
+    that count, which makes the shard assignment a global shuffle.
+    """
+
+    def __init__(self, config: JobConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def expand(self, tokens: beam.PCollection) -> beam.pvalue.DoOutputsTuple:
+        val_fraction = self.config.val_fraction
+        totals = (
+            tokens
+            | "SizeOfDocument"
+            >> beam.Map(lambda r: (ex.split_of(r[0], val_fraction), r[0], ex.document_token_count(r[3])))
+            | "UniqueDocuments" >> beam.Distinct()
+            | "PerSplit" >> beam.Map(lambda unique: (unique[0], (1, unique[2])))
+            | "SumPerSplit" >> beam.CombinePerKey(_add_pair)
+        )
+
+        def bucket_key(record: tuple[bytes, str, int, bytes], totals: dict[str, tuple[int, int]]) -> Any:
+            split = ex.split_of(record[0], val_fraction)
+            return (split, ex.bucket_of(record[0], ex.bucket_count(totals[split][0]))), record
+
+        return (
+            tokens
+            | "KeyByBucket" >> beam.Map(bucket_key, totals=AsDict(totals))
+            | "GroupBuckets" >> beam.GroupByKey()
+            | "Build"
+            >> beam.ParDo(_BuildBucketFn(self.config), totals=AsDict(totals)).with_outputs(
+                REJECTS, COUNT, main="examples"
+            )
+        )
+
+
+# ------------------------------------------------------------------------------------ shuffle, write
+
+
+class _WriteShardFn(beam.DoFn):
+    """Sort one shard's examples by key and write it under a temporary name, renamed when complete."""
+
+    def __init__(self, config: JobConfig) -> None:
+        self.config = config
+
+    def process(self, element: tuple[tuple[str, int], Iterable[bytes]]) -> Iterator[Any]:
+        (split, shard), batches = element
+        ordered = sorted(item for batch in batches for item in ex.unpack_keyed_examples(batch))
+        relative = f"{split}-{shard:06d}.tar"
+        path = _stored_path(self.config.output, relative)
+        temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+        with FileSystems.create(temporary, compression_type=CompressionTypes.UNCOMPRESSED) as sink:
+            stats = write_shard(
+                sink,
+                relative,
+                f"{split}-{shard:06d}",
+                (ex.unpack_example(blob) for _, blob in ordered),
+                self.config.vocab_size,
+            )
+        FileSystems.rename([temporary], [path])
+        yield (split, stats.to_json())
+
+
+class WriteShards(beam.PTransform):
+    """Gather each shard's batches, sort its examples by key, write it: the global shuffle's last step."""
+
+    def __init__(self, config: JobConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def expand(self, batches: beam.PCollection) -> beam.PCollection:
+        return (
+            batches | "GroupShards" >> beam.GroupByKey() | "Write" >> beam.ParDo(_WriteShardFn(self.config))
+        )
+
+
+def reject_lines(records: Iterable[tuple[str, int | None, str]]) -> list[bytes]:
+    """JSON lines of ``(source, offset, payload)`` records, sorted so every run writes the same bytes."""
+    ordered = sorted(records, key=lambda r: (r[0], -1 if r[1] is None else r[1], r[2]))
+    return [
+        (
+            json.dumps({"source": s, "offset": o, "payload": p}, sort_keys=True, ensure_ascii=False) + "\n"
+        ).encode()
+        for s, o, p in ordered
+    ]
+
+
+class _WriteRejectsFn(beam.DoFn):
+    def __init__(self, output: str) -> None:
+        self.output = output
+
+    def process(
+        self, element: tuple[str, Iterable[tuple[str, int | None, str]]]
+    ) -> Iterator[tuple[str, int]]:
+        reason, records = element
+        lines = reject_lines(records)
+        write_atomically(_stored_path(self.output, f"rejects/{reason}.jsonl"), lines)
+        yield (reason, len(lines))
+
+
+class WriteRejects(beam.PTransform):
+    """Reject records -> ``rejects/<reason>.jsonl`` and ``(reason, count)``."""
+
+    def __init__(self, output: str) -> None:
+        super().__init__()
+        self.output = output
+
+    def expand(self, rejects: beam.PCollection) -> beam.PCollection:
+        return (
+            rejects
+            | "KeyByReason" >> beam.Map(lambda r: (r[0], (r[1], r[2], r[3])))
+            | "GroupReasons" >> beam.GroupByKey()
+            | "Write" >> beam.ParDo(_WriteRejectsFn(self.output))
+        )
+
+
+def _write_manifest(
+    _: None,
+    static: dict[str, Any],
+    output: str,
+    shards: list[tuple[str, dict[str, Any]]],
+    reject_counts: list[tuple[str, int]],
+    read: int,
+    kept: int,
+    build: Callable[..., dict[str, Any]] = build_manifest,
+) -> str:
+    documents = document_counts(read, kept, dict(reject_counts))
+    manifest = build(shards=shards, documents=documents, **static)
+    path = _stored_path(output, MANIFEST_NAME)
+    write_atomically(path, manifest_text(manifest).encode("utf-8"))
+    return path
+
+
+class WriteManifest(beam.PTransform):
+    """The single ``manifest.json``, written once every shard and reject file is complete.
+
+    ``build(shards=, documents=, **static)`` makes the manifest: ``build_manifest`` for text shards
+    unless another format's builder is given.
+    """
+
+    def __init__(
+        self, output: str, static: dict[str, Any], build: Callable[..., dict[str, Any]] = build_manifest
+    ) -> None:
+        super().__init__()
+        self.output = output
+        self.static = static
+        self.build = build
+
+    def expand(self, inputs: dict[str, beam.PCollection]) -> beam.PCollection:
+        pipeline = inputs["shards"].pipeline
+        return (
+            pipeline
+            | "Once" >> beam.Create([None])
+            | "Write"
+            >> beam.Map(
+                _write_manifest,
+                static=self.static,
+                output=self.output,
+                shards=AsList(inputs["shards"]),
+                reject_counts=AsList(inputs["reject_counts"]),
+                read=AsSingleton(inputs["read"]),
+                kept=AsSingleton(inputs["kept"]),
+                build=self.build,
+            )
+        )
+
+
+def build_pipeline(
+    pipeline: beam.Pipeline,
+    paths: list[str],
+    config: JobConfig,
+    static: dict[str, Any],
+    rebalance: bool = False,
+) -> None:
+    """Add every stage of the job to ``pipeline``.
+
+    Args:
+        pipeline: An empty pipeline.
+        paths: Input files, already expanded and sorted.
+        config: The job configuration.
+        static: Manifest fields known before the job runs (tokenizer, seq_len, objective, seed, options).
+        rebalance: Reshuffle the documents after reading, for inputs of fewer files than workers.
+            Defaults to False.
+    """
+    read = pipeline | "ReadDocuments" >> ReadDocuments(paths, config.reader)
+    documents = read.documents
+    if rebalance:
+        # Fewer files than workers: spread the documents, or one worker would tokenise a whole file.
+        documents = documents | "Rebalance" >> beam.Reshuffle()
+    cleaned = documents | "CleanDocuments" >> CleanDocuments(config.min_doc_chars)
+    tokens = cleaned.clean | "TokenizeDocuments" >> TokenizeDocuments(config.model_proto, config.token_dtype)
+    short_rejects = cleaned[REJECTS]
+    built = tokens | "BuildExamples" >> BuildExamples(config)
+    shards = built.examples | "WriteShards" >> WriteShards(config)
+    rejects = (read[REJECTS], short_rejects, built[REJECTS]) | "AllRejects" >> beam.Flatten()
+    reject_counts = rejects | "WriteRejects" >> WriteRejects(config.output)
+    counts = {
+        "read": read[COUNT] | "SumRead" >> beam.CombineGlobally(sum),
+        "kept": built[COUNT] | "SumKept" >> beam.CombineGlobally(sum),
+    }
+    _ = {"shards": shards, "reject_counts": reject_counts, **counts} | "WriteManifest" >> WriteManifest(
+        config.output, static
+    )
+
+
+def make_pipeline(beam_args: list[str]) -> tuple[beam.Pipeline, int]:
+    """A pipeline for ``beam_args`` and its worker count (32 assumed for a distributed runner).
+
+    Beam's own DirectRunner first tries the Prism runner, which downloads a binary (and fails
+    offline); a local run therefore goes straight to the FnApiRunner it would fall back to, which
+    honours ``--direct_num_workers`` and ``--direct_running_mode`` itself.
+    """
+    options = PipelineOptions(beam_args)
+    if options.view_as(StandardOptions).runner not in (None, "DirectRunner", "direct"):
+        return beam.Pipeline(options=options), 32
+    from apache_beam.options.pipeline_options import DirectOptions
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+    provision = fn_runner.ExtendedProvisionInfo(
+        beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)
+    )
+    runner = fn_runner.FnApiRunner(provision_info=provision)
+    return beam.Pipeline(runner=runner, options=options), options.view_as(
+        DirectOptions
+    ).direct_num_workers or 1
+
+
+def run_job(paths: list[str], config: JobConfig, static: dict[str, Any], beam_args: list[str]) -> None:
+    """Build the job, run it to completion; a failed job raises what the runner raised."""
+    pipeline, workers = make_pipeline(beam_args)
+    build_pipeline(pipeline, paths, config, static, rebalance=len(paths) < 2 * workers)
+    pipeline.run().wait_until_finish()
