@@ -30,6 +30,8 @@ from numpy.typing import NDArray
 from data_pipeline.errors import UserError
 
 FORMAT_NAME = "pretrain-chunked-v1"
+# Image shards (`pretrain prepare images`): standard WebDataset samples ``KEY.jpg`` + ``KEY.cls``.
+IMAGE_FORMAT_NAME = "pretrain-images-v1"
 MANIFEST_NAME = "manifest.json"
 DEFAULT_CHUNK_SEQUENCES = 4096
 # BERT specials, at fixed ids in every tokenizer this project trains (SentencePiece control symbols,
@@ -251,22 +253,41 @@ class ManifestError(UserError):
 
 
 REQUIRED_MANIFEST_KEYS = ("format", "splits", "tokenizer", "seq_len", "objective", "seed", "documents")
+REQUIRED_IMAGE_MANIFEST_KEYS = ("format", "splits", "classes", "image_size", "seed", "images", "documents")
+# The keys each known format requires, and the command that writes it.
+KNOWN_FORMATS = {
+    FORMAT_NAME: (REQUIRED_MANIFEST_KEYS, "pretrain prepare text"),
+    IMAGE_FORMAT_NAME: (REQUIRED_IMAGE_MANIFEST_KEYS, "pretrain prepare images"),
+}
 
 
-def load_manifest(path: str) -> dict[str, Any]:
-    """Read and check ``manifest.json`` (a file path, or a directory holding it)."""
+def load_manifest(path: str, expected_format: str | None = FORMAT_NAME) -> dict[str, Any]:
+    """Read and check ``manifest.json`` (a file path, or a directory holding it).
+
+    Args:
+        path: The manifest file, or the shard directory that holds it.
+        expected_format: The format the caller reads; None accepts any known format. Defaults to
+            ``FORMAT_NAME`` (tokenised text).
+    """
     if not path.endswith(".json"):
         path = path.rstrip("/") + "/" + MANIFEST_NAME
+    command = KNOWN_FORMATS[expected_format][1] if expected_format else "pretrain prepare text|images"
     try:
         with open(path, encoding="utf-8") as handle:
             manifest = json.load(handle)
     except FileNotFoundError as error:
-        raise ManifestError(f"no manifest at {path}: run `pretrain prepare text` first") from error
+        raise ManifestError(f"no manifest at {path}: run `{command}` first") from error
     except json.JSONDecodeError as error:
         raise ManifestError(f"manifest {path} is not valid JSON: {error}") from error
-    missing = [key for key in REQUIRED_MANIFEST_KEYS if key not in manifest]
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"manifest {path}: a JSON object expected, found {type(manifest).__name__}")
+    found = manifest.get("format")
+    # The keys of the format found (or, when that is unknown, of the one expected).
+    required = KNOWN_FORMATS.get(found, KNOWN_FORMATS[expected_format or FORMAT_NAME])[0]
+    missing = [key for key in required if key not in manifest]
     if missing:
         raise ManifestError(f"manifest {path} lacks keys {missing}")
-    if manifest["format"] != FORMAT_NAME:
-        raise ManifestError(f"manifest {path}: format {manifest['format']!r}, expected {FORMAT_NAME!r}")
+    if found not in KNOWN_FORMATS or (expected_format is not None and found != expected_format):
+        expected = expected_format or " or ".join(KNOWN_FORMATS)
+        raise ManifestError(f"manifest {path}: format {found!r}, expected {expected!r}")
     return manifest

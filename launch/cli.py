@@ -2,6 +2,7 @@
 
     pretrain tokenizer INPUT... --out DIR --vocab-size N
     pretrain prepare text INPUT... --tokenizer PATH --output DIR [-- BEAM_OPTIONS...]
+    pretrain prepare images INPUT... --output DIR [--size 256] [--val-fraction F] [-- BEAM_OPTIONS...]
     pretrain inspect DIR [--samples N]
     pretrain train --config FILE --data DIR --run-dir DIR
     pretrain export RUN_DIR --out DIR [--format native|hf]
@@ -45,6 +46,7 @@ def register(name: str, summary: str, module: str) -> None:
 
 register("tokenizer", "train a SentencePiece tokenizer with BERT specials", "data_pipeline.commands_tokenizer")
 register("prepare text", "Beam job: text corpora -> shuffled WebDataset shards", "data_pipeline.commands_prepare")
+register("prepare images", "Beam job: image folders/parquet -> shuffled WebDataset shards", "data_pipeline.commands_prepare_images")
 register("inspect", "print a shard directory's manifest and decoded examples", "data_pipeline.commands_inspect")
 register("train", "DeepSpeed pre-training on prepared shards", "training.commands")
 register("export", "consolidate a checkpoint into portable safetensors (native or HF)", "training.commands_export")
