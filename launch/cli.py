@@ -21,6 +21,16 @@ from typing import Callable, Sequence
 from data_pipeline.errors import UserError
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help unless X is None/False or the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS, []):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 @dataclass(frozen=True)
 class Command:
     """A subcommand: a one-line summary and the module that implements it.
@@ -78,7 +88,7 @@ def build_parser(name: str) -> tuple[argparse.ArgumentParser, Callable[[argparse
     parser = argparse.ArgumentParser(
         prog=f"pretrain {name}",
         description=command.summary,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     module.add_arguments(parser)
     return parser, module.run
