@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -297,3 +299,16 @@ def test_a_worker_user_error_reaches_the_caller_as_its_message(data_dir: Path, t
     with pytest.raises(UserError, match=r"exceeds the manifest seq_len 20$") as caught:
         next(iter(loader(edited, num_workers=2)))
     assert "Traceback" not in str(caught.value)
+
+
+def test_a_program_left_with_a_live_multi_worker_iterator_still_exits(tmp_path: Path) -> None:
+    # Workers ignore SIGTERM (so a pre-empted rank can finish its step); exit must not wait on them.
+    data = make_shard_dir(tmp_path)
+    script = (
+        "import sys; from training.data import PretrainLoader\n"
+        f"loader = PretrainLoader({str(data)!r}, global_batch_size=8, micro_batch_size=4, num_workers=2)\n"
+        "batches = iter(loader); next(batches); print('batch', flush=True)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "batch"

@@ -25,8 +25,10 @@ with 4096-sequence chunks and 16384-sample windows that is a few MB per process 
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import signal
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -297,6 +299,26 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
+# Live multi-worker iterators. Their workers ignore SIGTERM, which is what multiprocessing's own exit
+# hook sends them; this hook (registered later, so run earlier) stops them the orderly way first, so a
+# program that ends with an unfinished iterator still exits.
+_LIVE_ITERATORS: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_live_workers() -> None:
+    for iterator in list(_LIVE_ITERATORS):
+        getattr(iterator, "_shutdown_workers", lambda: None)()
+
+
+def _iterate(dataset: IterableDataset, num_workers: int) -> Iterator[dict[str, Any]]:
+    """Batches of ``dataset`` through a DataLoader, with worker errors turned back into UserError."""
+    iterator = iter(_data_loader(dataset, num_workers))
+    if num_workers:
+        _LIVE_ITERATORS.add(iterator)
+    return _reraise_user_errors(iterator)
+
+
 def _data_loader(dataset: IterableDataset, num_workers: int) -> DataLoader:
     if not isinstance(num_workers, int) or num_workers < 0:
         raise UserError(f"num_workers must be a non-negative integer, got {num_workers!r}")
@@ -366,7 +388,7 @@ class PretrainLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         stream = _TrainStream(self._builder, self._partition, self.steps_per_epoch, self._epoch, self._step)
-        return _reraise_user_errors(iter(_data_loader(stream, self.num_workers)))
+        return _iterate(stream, self.num_workers)
 
     def step_done(self) -> None:
         """Record one completed optimizer step (``grad_accum`` micro batches of every rank)."""
@@ -457,7 +479,7 @@ def validation_batches(
             f"fewer than world size {world_size}"
         )
     stream = _ValidationStream(builder, rank * per_rank, per_rank, micro_batch_size)
-    for number, batch in enumerate(_reraise_user_errors(iter(_data_loader(stream, num_workers)))):
+    for number, batch in enumerate(_iterate(stream, num_workers)):
         if max_batches is not None and number >= max_batches:
             return
         yield batch
