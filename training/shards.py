@@ -24,8 +24,8 @@ from numpy.typing import NDArray
 from data_pipeline.errors import UserError
 from data_pipeline.shard_format import (
     FORMAT_NAME,
+    KNOWN_FORMATS,
     MANIFEST_NAME,
-    REQUIRED_MANIFEST_KEYS,
     Chunk,
     ManifestError,
     load_manifest,
@@ -63,38 +63,43 @@ def open_binary(location: str) -> IO[bytes]:
         return io.BytesIO(stream.read())
 
 
-def _parse_manifest(text: str, source: str) -> dict[str, Any]:
+def _parse_manifest(text: str, source: str, expected_format: str = FORMAT_NAME) -> dict[str, Any]:
     try:
         manifest = json.loads(text)
     except json.JSONDecodeError as error:
         raise ManifestError(f"manifest {source} is not valid JSON: {error}") from error
-    missing = [key for key in REQUIRED_MANIFEST_KEYS if key not in manifest]
+    missing = [key for key in KNOWN_FORMATS[expected_format][0] if key not in manifest]
     if missing:
         raise ManifestError(f"manifest {source} lacks keys {missing}")
-    if manifest["format"] != FORMAT_NAME:
-        raise ManifestError(f"manifest {source}: format {manifest['format']!r}, expected {FORMAT_NAME!r}")
+    if manifest["format"] != expected_format:
+        raise ManifestError(f"manifest {source}: format {manifest['format']!r}, expected {expected_format!r}")
     return manifest
 
 
-def read_manifest(data_dir: str) -> dict[str, Any]:
-    """The manifest of a data directory (local path or URL), with the shard_format checks."""
+def read_manifest(data_dir: str, expected_format: str = FORMAT_NAME) -> dict[str, Any]:
+    """The manifest of a data directory (local path or URL), with the shard_format checks.
+
+    Args:
+        data_dir: Local directory or URL holding ``manifest.json``.
+        expected_format: ``FORMAT_NAME`` (text) or ``IMAGE_FORMAT_NAME``. Defaults to text.
+    """
     if is_local(data_dir):
-        return load_manifest(data_dir)
+        return load_manifest(data_dir, expected_format)
     source = join_location(data_dir, MANIFEST_NAME)
     try:
         with open_binary(source) as stream:
             text = stream.read().decode("utf-8")
     except (OSError, ValueError) as error:
         raise ManifestError(f"cannot read manifest {source}: {error}") from error
-    return _parse_manifest(text, source)
+    return _parse_manifest(text, source, expected_format)
 
 
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def check_manifest(manifest: dict[str, Any], source: str, split: str) -> None:
-    """Check the fields the loader relies on; raise ManifestError naming the key and value."""
+def check_split(manifest: dict[str, Any], source: str, split: str) -> None:
+    """Check ``splits.<split>``: a non-empty shard list of paths and sample counts that add up."""
     splits = manifest["splits"]
     if not isinstance(splits, dict) or split not in splits:
         available = sorted(splits) if isinstance(splits, dict) else splits
@@ -118,6 +123,11 @@ def check_manifest(manifest: dict[str, Any], source: str, split: str) -> None:
         raise ManifestError(
             f"manifest {source}: splits.{split}.samples is {splits[split].get('samples')!r}, its shards hold {listed}"
         )
+
+
+def check_manifest(manifest: dict[str, Any], source: str, split: str) -> None:
+    """Check the fields the text loader relies on; raise ManifestError naming the key and value."""
+    check_split(manifest, source, split)
     if not isinstance(manifest["seq_len"], int) or manifest["seq_len"] < 3:
         raise ManifestError(
             f"manifest {source}: seq_len must be an integer >= 3, got {manifest['seq_len']!r}"
