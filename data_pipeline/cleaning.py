@@ -8,13 +8,22 @@ import unicodedata
 
 DOCUMENT_HASH_BYTES = 16
 
-_LINE_BREAKS = re.compile("\r\n?|[\x85\u2028\u2029]")
+# Each pattern starts with a character class, which lets the regex engine scan for it in C; a pattern
+# that starts with an alternation is tried at every character, several times slower.
+_LINE_BREAK_CHARACTERS = "\r\x85\u2028\u2029"
+# \r\n is one line break; a lone \r or a Unicode line/paragraph separator is one too.
+_LINE_BREAKS = re.compile("[\r\x85\u2028\u2029](?:(?<=\r)\n)?")
 # Tabs and the space characters NFKC leaves alone (or that appear after it) become one plain space.
-_SPACE_LIKE = re.compile("[\t\x0b\x0c\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
+_SPACE_LIKE_CHARACTERS = "\t\x0b\x0c\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000"
+_SPACE_LIKE = re.compile(f"[{_SPACE_LIKE_CHARACTERS}]")
 # Control characters other than \n, invisible format characters that only split words (soft hyphen,
 # zero-width space, word joiner, byte-order mark), and lone surrogates (which cannot be encoded).
 # Zero-width (non-)joiners stay: some scripts and emoji need them.
-_INVISIBLE = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x84\x86-\x9f\u00ad\u200b\u2060\ufeff\ud800-\udfff]")
+_INVISIBLE_CHARACTERS = "\x00-\x09\x0b-\x1f\x7f-\x84\x86-\x9f\u00ad\u200b\u2060\ufeff\ud800-\udfff"
+_INVISIBLE = re.compile(f"[{_INVISIBLE_CHARACTERS}]")
+# Any character one of the three passes above would change: clean text has none, and one scan for
+# them replaces three.
+_ODD_CHARACTERS = re.compile(f"[{_LINE_BREAK_CHARACTERS}{_SPACE_LIKE_CHARACTERS}{_INVISIBLE_CHARACTERS}]")
 _SPACE_RUNS = re.compile(" {2,}")
 _SPACES_AROUND_NEWLINE = re.compile(" *\n *")
 _BLANK_LINE_RUNS = re.compile("\n{3,}")
@@ -36,10 +45,11 @@ def normalize_text(text: str) -> str:
     """
     if not unicodedata.is_normalized("NFKC", text):
         text = unicodedata.normalize("NFKC", text)
-    # The substring checks skip passes with nothing to do, which is most of them on clean text.
-    text = _LINE_BREAKS.sub("\n", text) if _LINE_BREAKS.search(text) else text
-    text = _SPACE_LIKE.sub(" ", text)
-    text = _INVISIBLE.sub("", text)
+    # The checks skip passes with nothing to do, which is most of them on clean text.
+    if _ODD_CHARACTERS.search(text):
+        text = _LINE_BREAKS.sub("\n", text)
+        text = _SPACE_LIKE.sub(" ", text)
+        text = _INVISIBLE.sub("", text)
     text = _SPACE_RUNS.sub(" ", text) if "  " in text else text
     if " \n" in text or "\n " in text:
         text = _SPACES_AROUND_NEWLINE.sub("\n", text)

@@ -118,28 +118,35 @@ def nsp_examples(
     document = documents[doc_index]
     target = _target_length(max_tokens, short_seq_prob, rng)
     examples: list[Example] = []
-    chunk: list[NDArray[np.integer]] = []
-    length, i = 0, 0
-    while i < len(document):
-        chunk.append(document[i])
+    last = len(document) - 1
+    # The chunk is document[start : i + 1], kept as bounds: a one-sentence side is used as it is,
+    # without the copy np.concatenate would make.
+    start, length, i = 0, 0, 0
+    while i <= last:
         length += len(document[i])
-        if i == len(document) - 1 or length >= target:
-            a_end = rng.randrange(1, len(chunk)) if len(chunk) >= 2 else 1
-            tokens_a = np.concatenate(chunk[:a_end])
-            random_next = rng.random() < 0.5 or (len(chunk) == 1 and len(tokens_a) < 2)
+        if i == last or length >= target:
+            size = i + 1 - start
+            a_end = rng.randrange(1, size) if size >= 2 else 1
+            tokens_a = _joined(document, start, start + a_end)
+            random_next = rng.random() < 0.5 or (size == 1 and len(tokens_a) < 2)
             if random_next:
                 tokens_b = _random_segment(documents, doc_index, target - len(tokens_a), rng)
-                i -= len(chunk) - a_end  # the unused sentences start the next chunk
-            elif len(chunk) == 1:
+                i -= size - a_end  # the unused sentences start the next chunk
+            elif size == 1:
                 cut = rng.randrange(1, len(tokens_a))
                 tokens_a, tokens_b = tokens_a[:cut], tokens_a[cut:]
             else:
-                tokens_b = np.concatenate(chunk[a_end:])
+                tokens_b = _joined(document, start + a_end, i + 1)
             tokens_a, tokens_b = truncate_pair(tokens_a, tokens_b, max_tokens, rng)
             examples.append(Example(tokens_a, tokens_b, int(random_next)))
-            chunk, length = [], 0
+            start, length = i + 1, 0
         i += 1
     return examples
+
+
+def _joined(document: Document, start: int, end: int) -> NDArray[np.integer]:
+    """Sentences ``start:end`` of ``document`` as one array (the sentence itself when there is one)."""
+    return document[start] if end - start == 1 else np.concatenate(document[start:end])
 
 
 def sop_examples(

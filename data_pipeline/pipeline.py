@@ -11,8 +11,9 @@ import json
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from itertools import chain
 from typing import Any
 
 import apache_beam as beam
@@ -22,6 +23,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.pvalue import AsDict, AsList, AsSingleton, TaggedOutput
+from apache_beam.utils.windowed_value import WindowedValue
 
 from data_pipeline import examples as ex
 from data_pipeline.cleaning import check_length, document_hash, normalize_text
@@ -34,6 +36,10 @@ from data_pipeline.tokenizer import encode_sentences, load_processor
 REJECTS = "rejects"
 COUNT = "count"
 PROGRESS_SECONDS = 10.0
+# Documents (and at most characters) per SentencePiece call: enough that the per-call cost vanishes,
+# few enough to hold in memory.
+TOKENIZE_BATCH = 64
+TOKENIZE_BATCH_CHARS = 4_000_000
 # A reject record between stages: (reason, source, offset, payload).
 RejectRecord = tuple[str, str, "int | None", str]
 
@@ -170,21 +176,68 @@ class _CleanFn(beam.DoFn):
             yield cleaned
 
 
+def tokenize_texts(processor: Any, texts: Sequence[str], dtype: np.dtype) -> list[bytes]:
+    """Sentence-split and encode documents: one packed token blob (``pack_document``) per text.
+
+    The sentences of all ``texts`` go to SentencePiece in one call: its per-call cost is several
+    times that of a sentence, and a blob does not depend on which other texts shared its call.
+
+    Args:
+        processor: A loaded SentencePiece processor.
+        texts: Normalised documents.
+        dtype: The token dtype of the blobs.
+
+    Returns:
+        The blobs, in the order of ``texts``.
+    """
+    sentences = [split_sentences(text) for text in texts]
+    ids = encode_sentences(processor, list(chain.from_iterable(sentences)))
+    blobs: list[bytes] = []
+    start = 0
+    for document in sentences:
+        blobs.append(ex.pack_document(ids[start : start + len(document)], dtype))
+        start += len(document)
+    return blobs
+
+
 class _TokenizeFn(beam.DoFn):
-    """Sentence-split and encode a document; the model is loaded once per DoFn instance."""
+    """Sentence-split and encode documents in batches (``TOKENIZE_BATCH``); one model per DoFn instance.
+
+    Documents wait in a batch (with their own timestamp, window and pane) until it is full or the
+    bundle ends; every output is a function of its document alone, so batching changes no byte of the
+    job.
+    """
 
     def __init__(self, model_proto: bytes, dtype: np.dtype) -> None:
         self.model_proto = model_proto
         self.dtype = dtype
         self.processor: Any = None
+        self.batch: list[WindowedValue] = []
+        self.batch_chars = 0
 
     def setup(self) -> None:
         self.processor = load_processor(model_proto=self.model_proto)
 
-    def process(self, document: tuple[bytes, str, int, str]) -> Iterator[tuple[bytes, str, int, bytes]]:
-        doc_hash, source, index, text = document
-        sentences = encode_sentences(self.processor, split_sentences(text))
-        yield (doc_hash, source, index, ex.pack_document(sentences, self.dtype))
+    def start_bundle(self) -> None:
+        self.batch, self.batch_chars = [], 0
+
+    def process(
+        self, document: tuple[bytes, str, int, str], held: Any = beam.DoFn.WindowedValueParam
+    ) -> Iterator[WindowedValue]:
+        self.batch.append(held)
+        self.batch_chars += len(document[3])
+        if len(self.batch) >= TOKENIZE_BATCH or self.batch_chars >= TOKENIZE_BATCH_CHARS:
+            yield from self._flush()
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        yield from self._flush()
+
+    def _flush(self) -> Iterator[WindowedValue]:
+        batch, self.batch, self.batch_chars = self.batch, [], 0
+        blobs = tokenize_texts(self.processor, [held.value[3] for held in batch], self.dtype)
+        for held, blob in zip(batch, blobs):
+            doc_hash, source, index, _ = held.value
+            yield held.with_value((doc_hash, source, index, blob))
 
 
 class CleanDocuments(beam.PTransform):
@@ -205,7 +258,7 @@ class CleanDocuments(beam.PTransform):
 
 
 class TokenizeDocuments(beam.PTransform):
-    """Clean documents -> ``(hash, source, index, token blob)``: sentences, then one encode call each."""
+    """Clean documents -> ``(hash, source, index, token blob)``: sentences, one encode call per batch."""
 
     def __init__(self, model_proto: bytes, dtype: np.dtype) -> None:
         super().__init__()
@@ -462,8 +515,11 @@ def build_pipeline(
     cleaned = documents | "CleanDocuments" >> CleanDocuments(config.min_doc_chars)
     tokens = cleaned.clean | "TokenizeDocuments" >> TokenizeDocuments(config.model_proto, config.token_dtype)
     short_rejects = cleaned[REJECTS]
-    built = tokens | "BuildExamples" >> BuildExamples(config)
-    shards = built.examples | "WriteShards" >> WriteShards(config)
+    # Only the tokenizer needs the model: Beam bz2-compresses every pickled DoFn and every worker
+    # unpacks it again, so the later stages get a copy of the config without the model.
+    without_model = replace(config, model_proto=b"")
+    built = tokens | "BuildExamples" >> BuildExamples(without_model)
+    shards = built.examples | "WriteShards" >> WriteShards(without_model)
     rejects = (read[REJECTS], short_rejects, built[REJECTS]) | "AllRejects" >> beam.Flatten()
     reject_counts = rejects | "WriteRejects" >> WriteRejects(config.output)
     counts = {
