@@ -2,6 +2,7 @@
 
     deepspeed --num_gpus 2 --module training --config configs/bert-tiny.yaml --data DATA --run-dir RUN
     torchrun --nproc_per_node 2 -m training --config configs/bert-tiny.yaml --data DATA --run-dir RUN
+    deepspeed --num_gpus 2 --module training --config configs/simclr-tiny.yaml --data IMAGE_SHARDS --run-dir RUN
 
 The DeepSpeed launcher appends ``--local_rank=N``; it is accepted and ignored, because every launcher
 also sets RANK/WORLD_SIZE/LOCAL_RANK in the environment, which is where the rank is read from.

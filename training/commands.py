@@ -3,6 +3,11 @@
 pretrain train --config configs/bert-tiny.yaml --data DATA --run-dir runs/tiny
 deepspeed --num_gpus 8 --module training --config configs/bert-base.yaml --data DATA --run-dir runs/base
 torchrun --nproc_per_node 8 -m training --config configs/bert-base.yaml --data DATA --run-dir runs/base
+pretrain train --config configs/simclr-tiny.yaml --data IMAGE_SHARDS --run-dir runs/simclr-tiny
+deepspeed --num_gpus 2 --module training --config configs/simclr-resnet18.yaml --data IMAGE_SHARDS --run-dir runs/r18
+
+The objective follows the config: a ``simclr:`` section trains SimCLR on `pretrain prepare images` shards,
+otherwise BERT trains on `pretrain prepare text` shards.
 """
 
 from __future__ import annotations

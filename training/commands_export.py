@@ -3,6 +3,7 @@
 pretrain export runs/tiny --out exports/tiny                       # newest complete checkpoint, native fp32
 pretrain export runs/base --out exports/base-hf --format hf --dtype bf16
 pretrain export runs/base --out exports/base-200 --step 200
+pretrain export runs/simclr --out exports/simclr-r18               # SimCLR: ResNet encoder, torchvision names
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
     export.check_options(args.format, args.dtype)  # before the (long) consolidation
     started = time.perf_counter()
     run_dir, out_dir = Path(args.run_dir), Path(args.out)
+    from training import export_simclr
+
+    if export_simclr.run_objective(run_dir, args.step) == export_simclr.OBJECTIVE:
+        return run_simclr(args, run_dir, out_dir, started)
     tokenizer = Path(args.tokenizer) if args.tokenizer else None
     model_config, state_dict, spm_model_path, card = export.read_run_checkpoint(
         run_dir, args.step, export.DTYPES[args.dtype], tokenizer
@@ -73,4 +78,38 @@ def run(args: argparse.Namespace) -> int:
             rows.append(("note", f"no HF tokenizer.json: {problem}"))
     width = max(len(name) for name, _ in rows)
     print("\n".join(f"{name.ljust(width)}  {value}" for name, value in rows))
+    return 0
+
+
+def print_rows(rows: list[tuple[str, str]]) -> None:
+    width = max(len(name) for name, _ in rows)
+    print("\n".join(f"{name.ljust(width)}  {value}" for name, value in rows))
+
+
+def run_simclr(args: argparse.Namespace, run_dir: Path, out_dir: Path, started: float) -> int:
+    """Export a SimCLR run's encoder (torchvision ResNet names); ``--format``/``--tokenizer`` do not apply."""
+    from training import export, export_simclr
+
+    if args.format != "native" or args.tokenizer:
+        raise UserError(
+            f"{run_dir}: a simclr run exports its ResNet encoder in torchvision's layout; "
+            "--format hf and --tokenizer apply to BERT runs only"
+        )
+    model_config, encoder, card = export_simclr.read_simclr_checkpoint(
+        run_dir, args.step, export.DTYPES[args.dtype]
+    )
+    extra = {"pretrained_with": export_simclr.OBJECTIVE}
+    export_simclr.write_resnet_export(out_dir, encoder, model_config, dtype=args.dtype, card=card, extra_config=extra)
+    parameters = sum(t.numel() for t in encoder.values() if t.is_floating_point())
+    size = (out_dir / export.WEIGHTS_FILE).stat().st_size
+    rows = [
+        ("checkpoint", card["source"]),
+        ("step", str(card["training"].get("step"))),
+        ("format / dtype", f"{export_simclr.EXPORT_FORMAT} (resnet{model_config['depth']}) / {args.dtype}"),
+        ("parameters", f"{parameters:,} (encoder; projection head left out)"),
+        ("weights", f"{out_dir / export.WEIGHTS_FILE} ({size / 2**20:.1f} MiB)"),
+        ("files", ", ".join(sorted(path.name for path in out_dir.iterdir()))),
+        ("time", f"{time.perf_counter() - started:.1f} s"),
+    ]
+    print_rows(rows + [("note", note) for note in card.get("notes", [])])
     return 0

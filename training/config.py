@@ -21,6 +21,7 @@ from typing import Any, Union
 import yaml
 
 from data_pipeline.errors import UserError
+from training.simclr import SimCLRConfig
 
 # Schedulers whose length DeepSpeed reads from ``params.total_num_steps``.
 SCHEDULERS_WITH_LENGTH = ("WarmupDecayLR", "WarmupCosineLR")
@@ -28,7 +29,7 @@ SCHEDULERS_WITH_LENGTH = ("WarmupDecayLR", "WarmupCosineLR")
 
 @dataclass
 class ModelConfig:
-    """The BERT architecture; the vocabulary size comes from the data manifest."""
+    """The BERT architecture; the vocabulary size comes from the data manifest (unused by simclr runs)."""
 
     size: str = "tiny"
     """Named size (tiny, mini, small, medium, base, large) that sets the dimensions below."""
@@ -94,9 +95,18 @@ class Config:
     """Run length, logging, checkpoints and validation."""
     deepspeed: dict[str, Any] = field(default_factory=dict)
     """The literal DeepSpeed config (train_batch_size is the global batch)."""
+    simclr: SimCLRConfig | None = None
+    """SimCLR's model, augmentation and LARS settings; its presence makes the objective ``simclr``."""
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+OPTIONAL_SECTIONS: dict[str, type] = {"simclr": SimCLRConfig}
+"""Sections that select an objective other than BERT's when present (and not null)."""
+
+
+def objective_of(config: Config) -> str:
+    """The training objective a config selects: ``simclr`` with a ``simclr:`` section, else ``bert``."""
+    return "simclr" if config.simclr is not None else "bert"
 
 
 def _type_name(expected: Any) -> str:
@@ -174,10 +184,15 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Build and type-check a :class:`Config` from a (merged) YAML mapping."""
-    unknown = sorted(set(raw) - set(SECTIONS) - {"deepspeed"})
+    unknown = sorted(set(raw) - set(SECTIONS) - set(OPTIONAL_SECTIONS) - {"deepspeed"})
     if unknown:
-        raise UserError(f"{unknown[0]}: unknown section (known: deepspeed, {', '.join(SECTIONS)})")
+        known = ", ".join([*SECTIONS, *OPTIONAL_SECTIONS])
+        raise UserError(f"{unknown[0]}: unknown section (known: deepspeed, {known})")
     sections = {name: _build_section(name, cls, raw.get(name)) for name, cls in SECTIONS.items()}
+    # A null optional section (as config.yaml of a BERT run writes it) is an absent one.
+    for name, cls in OPTIONAL_SECTIONS.items():
+        if raw.get(name) is not None:
+            sections[name] = _build_section(name, cls, raw[name])
     deepspeed = raw.get("deepspeed") or {}
     if not isinstance(deepspeed, dict):
         raise UserError(f"deepspeed: expected a mapping, got {deepspeed!r}")
@@ -198,6 +213,8 @@ def _check_values(config: Config) -> None:
     for key in ("val_every", "val_batches"):
         if getattr(config.train, key) < 0:
             raise UserError(f"train.{key}: expected an int >= 0, got {getattr(config.train, key)}")
+    if config.simclr is not None:
+        config.simclr.validate()
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
@@ -224,8 +241,12 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:
-    """The config as plain YAML-able data (what is printed at start and saved as RUN_DIR/config.yaml)."""
-    return dataclasses.asdict(config)
+    """The config as plain YAML-able data (what is printed at start and saved as RUN_DIR/config.yaml).
+
+    Absent optional sections are left out, so a BERT config reads (and hashes) as it did before they existed.
+    """
+    data = dataclasses.asdict(config)
+    return {key: value for key, value in data.items() if key not in OPTIONAL_SECTIONS or value is not None}
 
 
 def config_yaml(config: Config) -> str:

@@ -69,15 +69,26 @@ def teardown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def build_engine(model: torch.nn.Module, ds_config: dict[str, Any]) -> Any:
+def build_engine(
+    model: torch.nn.Module, ds_config: dict[str, Any], optimizer: torch.optim.Optimizer | None = None
+) -> Any:
     """Wrap the model in a DeepSpeed engine (optimizer, scheduler, ZeRO and precision from ``ds_config``).
+
+    Args:
+        model: The model, on its device.
+        ds_config: The resolved DeepSpeed config.
+        optimizer: A client optimizer (e.g. LARS) used instead of a ``deepspeed.optimizer`` section; the
+            config's scheduler then drives its learning rate. Defaults to None (the section's optimizer).
 
     Raises:
         UserError: DeepSpeed rejects the ``deepspeed:`` section of the config.
     """
     try:
         engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config
+            model=model,
+            model_parameters=None if optimizer else [p for p in model.parameters() if p.requires_grad],
+            optimizer=optimizer,
+            config=ds_config,
         )
     except (ValueError, KeyError, TypeError) as error:
         raise UserError(f"deepspeed config rejected by DeepSpeed: {error}") from error

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -103,7 +103,18 @@ def _stage0_file(tag_dir: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
 
 
-def _stage0_master_weights(saved: dict[str, Any], model_config: BertConfig) -> dict[str, torch.Tensor] | None:
+ModelSpec = BertConfig | Callable[[], torch.nn.Module]
+"""A BERT architecture, or a function building the (non-BERT) model whose checkpoint is read."""
+
+
+def parameter_shapes(model_config: ModelSpec) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of the model's parameters, in ``model.parameters()`` order (nothing allocated)."""
+    with torch.device("meta"):
+        model = BertForPreTraining(model_config) if isinstance(model_config, BertConfig) else model_config()
+        return [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+
+
+def _stage0_master_weights(saved: dict[str, Any], model_config: ModelSpec) -> dict[str, torch.Tensor] | None:
     """The fp32 master weights a ZeRO-0 16-bit optimizer keeps, by parameter name; None when there are none.
 
     DeepSpeed's FP16/BF16 wrappers store them by position only (``fp32_groups``: one tensor per parameter;
@@ -111,8 +122,7 @@ def _stage0_master_weights(saved: dict[str, Any], model_config: BertConfig) -> d
     order the engine received them in (``training.engine.build_engine``). Every shape is checked.
     """
     optimizer = saved.get("optimizer") or {}
-    with torch.device("meta"):
-        named = [(name, tuple(p.shape)) for name, p in BertForPreTraining(model_config).named_parameters()]
+    named = parameter_shapes(model_config)
     if "fp32_groups" in optimizer:
         tensors = [tensor for group in optimizer["fp32_groups"] for tensor in group]
     elif "fp32_groups_flat" in optimizer:
@@ -133,7 +143,7 @@ def _stage0_master_weights(saved: dict[str, Any], model_config: BertConfig) -> d
     return weights
 
 
-def _stage0_state(tag_dir: Path, model_config: BertConfig) -> tuple[dict[str, torch.Tensor], str | None]:
+def _stage0_state(tag_dir: Path, model_config: ModelSpec) -> tuple[dict[str, torch.Tensor], str | None]:
     """A ZeRO-0 checkpoint's weights, fp32 master copies preferred; and a note when only 16-bit ones exist."""
     saved = _stage0_file(tag_dir)
     module = saved["module"]
@@ -150,7 +160,7 @@ def _stage0_state(tag_dir: Path, model_config: BertConfig) -> tuple[dict[str, to
 
 
 def consolidate(
-    tag_dir: Path, zero_stage: int, model_config: BertConfig, dtype: torch.dtype = torch.float32
+    tag_dir: Path, zero_stage: int, model_config: ModelSpec, dtype: torch.dtype = torch.float32
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """One full state_dict (HF names, tied aliases included) from a DeepSpeed checkpoint of any ZeRO stage.
 
@@ -161,7 +171,8 @@ def consolidate(
     Args:
         tag_dir: The checkpoint tag folder (``RUN_DIR/checkpoints/step00000200``).
         zero_stage: The stage it was written with (from the trainer state).
-        model_config: The architecture (names the positional ZeRO-0 master weights).
+        model_config: The architecture (names the positional ZeRO-0 master weights): a ``BertConfig``,
+            or a function that builds another model.
         dtype: Floating-point dtype of the result, cast tensor by tensor. Defaults to float32.
 
     Returns:

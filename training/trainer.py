@@ -1,4 +1,9 @@
-"""The pre-training loop as a handful of verbs: build, resume, step, evaluate, save, fit."""
+"""The pre-training loop as a handful of verbs: build, resume, step, evaluate, save, fit.
+
+The loop is the same for every objective (BERT's MLM, SimCLR): the objective (:mod:`training.objectives`)
+supplies the loader, the model, an optional client optimizer, the micro-batch forward, the step metrics and
+the evaluation.
+"""
 
 from __future__ import annotations
 
@@ -18,14 +23,16 @@ import torch.distributed as dist
 from data_pipeline.errors import UserError
 from training import checkpoint as ckpt
 from training import engine as ds
-from training.config import Config, config_hash, config_yaml, resolve_deepspeed_config, zero_stage
-from training.data import MaskingConfig, PretrainLoader, validation_batches
-from training.flops import bert_train_flops_per_sequence, mfu, peak_flops
+from training.config import (
+    Config,
+    config_hash,
+    config_yaml,
+    objective_of,
+    resolve_deepspeed_config,
+    zero_stage,
+)
 from training.metrics import MetricsWriter, format_progress
-from training.models.bert import BertConfig, BertForPreTraining, bert_config
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels", "next_sentence_label")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from training.objectives import Objective, ObjectiveContext, build_objective
 
 
 @dataclass
@@ -94,26 +101,6 @@ def seed_everything(seed: int) -> None:
         torch.utils.deterministic.fill_uninitialized_memory = False
 
 
-def model_config_for(config: Config, vocab_size: int, seq_len: int, objective: str) -> BertConfig:
-    """The BERT architecture from the ``model:`` section and the data manifest."""
-    section = config.model
-    head = section.next_sentence_head
-    return bert_config(
-        section.size,
-        vocab_size,
-        hidden_size=section.hidden_size,
-        num_hidden_layers=section.num_hidden_layers,
-        num_attention_heads=section.num_attention_heads,
-        intermediate_size=section.intermediate_size,
-        max_position_embeddings=max(512, seq_len),
-        hidden_dropout_prob=section.dropout,
-        attention_probs_dropout_prob=section.dropout,
-        pre_layernorm=section.pre_layernorm,
-        activation_checkpointing=section.activation_checkpointing,
-        next_sentence_head=(objective != "none") if head == "auto" else bool(head),
-    )
-
-
 def find_resume_tag(resume: str, checkpoint_dir: Path) -> Path | None:
     """The tag folder ``--resume`` selects, or None to start fresh.
 
@@ -132,12 +119,19 @@ def find_resume_tag(resume: str, checkpoint_dir: Path) -> Path | None:
     return path
 
 
-def plan_resume(
-    tag_dir: Path, env: ds.DistEnv, model_config: BertConfig, tokenizer_sha256: str
-) -> ResumePlan:
-    """Check a checkpoint fits this run and convert it to a universal one if the world size changed."""
+def plan_resume(tag_dir: Path, env: ds.DistEnv, objective: Objective) -> ResumePlan:
+    """Check a checkpoint fits this run and convert it to a universal one if the world size changed.
+
+    Raises:
+        UserError: A checkpoint of another objective, architecture or tokenizer.
+    """
     state = ckpt.read_trainer_state(tag_dir)
-    ckpt.check_compatible(tag_dir, state, dataclasses.asdict(model_config), tokenizer_sha256)
+    saved_objective = state.get("objective", "bert")  # checkpoints from before SimCLR are BERT's
+    if saved_objective != objective.name:
+        raise UserError(
+            f"checkpoint {tag_dir}: trained with objective {saved_objective!r}, this config trains {objective.name!r}"
+        )
+    ckpt.check_compatible(tag_dir, state, objective.model_config, objective.data_fingerprint)
     if not ds.needs_universal_conversion(state["world_size"], env.world_size, state["zero_stage"]):
         return ResumePlan(tag_dir.parent, tag_dir.name, state, tag_dir, universal=False)
     universal = tag_dir.with_name(tag_dir.name + ckpt.UNIVERSAL_SUFFIX)
@@ -152,11 +146,6 @@ def plan_resume(
     return ResumePlan(tag_dir.parent, universal.name, state, tag_dir, universal=True)
 
 
-def to_device(batch: dict[str, Any], device: torch.device, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The model inputs of a batch on ``device`` (sample ids and unused labels left out)."""
-    return {key: batch[key].to(device, non_blocking=True) for key in keys if key in batch}
-
-
 @dataclass
 class Trainer:
     """One rank's training run. :func:`build` makes it; :meth:`fit` runs it."""
@@ -164,9 +153,8 @@ class Trainer:
     config: Config
     options: RunOptions
     env: ds.DistEnv
-    model_config: BertConfig
+    objective: Objective
     ds_config: dict[str, Any]
-    loader: PretrainLoader
     engine: Any
     writer: MetricsWriter
     progress: Progress = field(default_factory=Progress)
@@ -181,9 +169,9 @@ class Trainer:
         return self.options.run_dir / "checkpoints"
 
     @property
-    def input_keys(self) -> tuple[str, ...]:
-        # The sentence labels only go to a model that has the sentence head.
-        return MODEL_INPUTS if self.model_config.next_sentence_head else MODEL_INPUTS[:-1]
+    def loader(self) -> Any:
+        """The objective's resumable training loader."""
+        return self.objective.loader
 
     def log(self, message: str) -> None:
         """Print on rank 0 only."""
@@ -202,7 +190,10 @@ class Trainer:
             state = plan.state
             self.progress = Progress(state["step"], state["tokens_seen"], state["samples_seen"])
             self.loader.load_state_dict(state["loader"])
-            self.trace_lengths = dict(state.get("trace_lengths", {}))
+            # Traces of another run directory (``--resume OTHER_RUN/checkpoints/TAG``) stay there: this run's
+            # traces start empty at the resumed step.
+            own_checkpoint = plan.source.parent.resolve() == self.checkpoint_dir.resolve()
+            self.trace_lengths = dict(state.get("trace_lengths", {})) if own_checkpoint else {}
             self.last_saved = self.progress.step
             self.log(
                 f"resumed from {plan.source} at step {self.progress.step}"
@@ -220,76 +211,45 @@ class Trainer:
         """One optimizer step: ``grad_accum`` micro-batches through forward, backward and DeepSpeed's step.
 
         Returns:
-            Step metrics summed over ranks (loss is the mean over ranks and micro-batches), plus
-            ``stop`` > 0 when any rank was asked to stop.
+            The objective's step metrics over all ranks (the loss is the mean over ranks and micro-batches),
+            ``tokens`` and ``samples`` of the step, and ``stop`` > 0 when any rank was asked to stop.
         """
         if self.batches is None:
             raise RuntimeError("Trainer.resume() starts the batch stream; call it before step()")
         accumulation, device = self.loader.grad_accum, self.env.device
-        # Summed on the device so that no micro-step waits for the GPU: loss, mlm correct, mlm count.
-        model_sums = torch.zeros(3, dtype=torch.float64, device=device)
+        micro_sums: list[torch.Tensor] = []  # kept on the device: no micro-step waits for the GPU
         tokens = samples = 0
-        for _ in range(accumulation):
+        for micro in range(accumulation):
             batch = next(self.batches)
             if self.trace is not None:
                 self.trace.add(batch["sample_ids"])
-            output = self.engine(**to_device(batch, device, self.input_keys))
+            output = self.objective.forward(self.engine, batch, self.progress.step, micro)
             self.engine.backward(output.loss)
             self.engine.step()
-            counts = (output.loss.detach(), output.mlm_correct, output.mlm_count)
-            model_sums += torch.stack([value.double() for value in counts])
-            tokens += int(batch["attention_mask"].sum())
-            samples += int(batch["input_ids"].shape[0])
+            micro_sums.append(output.sums)
+            tokens += output.tokens
+            samples += output.samples
         self.loader.step_done()
+        model_sums = torch.stack(micro_sums).sum(dim=0)
         host_sums = torch.tensor([tokens, samples, float(self.stop.requested)], dtype=torch.float64, device=device)
         # One all-reduce per step (on the device: NCCL reduces only CUDA tensors) also agrees on stopping.
-        totals = torch.cat([model_sums, host_sums])
+        totals = torch.cat([model_sums.to(device), host_sums])
         dist.all_reduce(totals)
         totals = totals.cpu()
+        width = model_sums.numel()
         self.progress.step += 1
-        self.progress.tokens_seen += int(totals[3])
-        self.progress.samples_seen += int(totals[4])
+        self.progress.tokens_seen += int(totals[width])
+        self.progress.samples_seen += int(totals[width + 1])
         return {
-            "loss": float(totals[0] / (accumulation * self.env.world_size)),
-            "mlm_acc": float(totals[1] / max(totals[2], 1.0)),
-            "tokens": float(totals[3]),
-            "samples": float(totals[4]),
-            "stop": float(totals[5]),
+            **self.objective.step_metrics(totals[:width], accumulation * self.env.world_size),
+            "tokens": float(totals[width]),
+            "samples": float(totals[width + 1]),
+            "stop": float(totals[width + 2]),
         }
 
     def evaluate(self) -> dict[str, float]:
-        """Mean validation loss and MLM accuracy over ``train.val_batches`` micro-batches per rank."""
-        self.engine.eval()
-        # loss sum, batches, mlm correct, mlm count
-        totals = torch.zeros(4, dtype=torch.float64, device=self.env.device)
-        batches = validation_batches(
-            self.options.data_dir,
-            micro_batch_size=self.ds_config["train_micro_batch_size_per_gpu"],
-            rank=self.env.rank,
-            world_size=self.env.world_size,
-            seed=self.config.train.seed,
-            masking=self.masking,
-            max_batches=self.config.train.val_batches,
-        )
-        with torch.no_grad():
-            for batch in batches:
-                output = self.engine(**to_device(batch, self.env.device, self.input_keys))
-                one = torch.ones((), device=self.env.device)
-                values = (output.loss, one, output.mlm_correct, output.mlm_count)
-                totals += torch.stack([value.double() for value in values])
-        dist.all_reduce(totals)
-        totals = totals.cpu()
-        self.engine.train()
-        return {
-            "val_loss": float(totals[0] / max(totals[1], 1.0)),
-            "val_mlm_acc": float(totals[2] / max(totals[3], 1.0)),
-        }
-
-    @property
-    def masking(self) -> MaskingConfig:
-        return MaskingConfig(
-            mask_prob=self.config.data.mask_prob, whole_word=self.config.data.whole_word_mask
-        )
+        """The objective's validation metrics (every rank takes part)."""
+        return self.objective.evaluate(self.engine)
 
     def client_state(self) -> dict[str, Any]:
         """The JSON state of a checkpoint (RNG states go to per-rank files beside it)."""
@@ -300,8 +260,9 @@ class Trainer:
             "epoch": self.loader.epoch,
             "loader": self.loader.state_dict(),
             "config_hash": config_hash(self.config),
-            "model_config": dataclasses.asdict(self.model_config),
-            "tokenizer_sha256": self.loader.manifest["tokenizer"]["sha256"],
+            "objective": self.objective.name,
+            "model_config": self.objective.model_config,
+            "tokenizer_sha256": self.objective.data_fingerprint,
             # Where the manifest and tokenizer live: `pretrain export` copies the tokenizer and summarises
             # the data in the model card.
             "data_dir": str(Path(self.options.data_dir).resolve()),
@@ -350,7 +311,9 @@ class Trainer:
             if step % train.log_every == 0 or step == stop_at or metrics["stop"]:
                 self.writer.log(step, meter.report(metrics))
             if train.val_every and step % train.val_every == 0:
-                self.writer.log(step, self.evaluate())
+                evaluation = self.evaluate()
+                if evaluation:
+                    self.writer.log(step, evaluation)
             if step % train.save_every == 0 or metrics["stop"]:
                 self.save()
             if metrics["stop"]:
@@ -366,7 +329,7 @@ class Trainer:
         rows = [
             ("steps", f"{self.progress.step:,} of {self.config.train.total_steps:,} ({self.progress.step - first_step:,} in this run)"),
             ("samples seen", f"{self.progress.samples_seen:,}"),
-            ("tokens seen", f"{self.progress.tokens_seen:,}"),
+            *([("tokens seen", f"{self.progress.tokens_seen:,}")] if self.progress.tokens_seen else []),
             ("last loss", "-" if last_loss is None else f"{last_loss:.4f}"),
             ("wall time", f"{seconds:,.1f} s"),
             ("checkpoint", str(self.checkpoint_dir / ckpt.tag_for_step(self.last_saved))),
@@ -381,18 +344,12 @@ class Trainer:
 
 
 class Throughput:
-    """Samples, tokens and model FLOP utilisation per second between two logged steps."""
+    """Samples and tokens per second between two logged steps, turned into the objective's rates."""
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
         self.started = time.perf_counter()
         self.samples = self.tokens = 0.0
-        dtype = DTYPES[ds.precision(trainer.ds_config)]
-        peak = peak_flops(trainer.env.device, dtype)
-        self.peak_total = peak * trainer.env.world_size if peak else None
-        self.flops_per_sequence = bert_train_flops_per_sequence(
-            trainer.model_config, trainer.loader.seq_len, trainer.config.data.mask_prob
-        )
 
     def add(self, metrics: dict[str, float]) -> None:
         self.samples += metrics["samples"]
@@ -402,18 +359,15 @@ class Throughput:
         """The metrics of the logged step plus rates since the previous report; prints the progress line."""
         now = time.perf_counter()
         elapsed = max(now - self.started, 1e-9)
+        objective = self.trainer.objective
         record = {
-            "loss": metrics["loss"],
-            "mlm_acc": metrics["mlm_acc"],
+            **{key: value for key, value in metrics.items() if key not in ("tokens", "samples", "stop")},
             **ds.optimizer_metrics(self.trainer.engine),
-            "samples_per_s": self.samples / elapsed,
-            "tokens_per_s": self.tokens / elapsed,
+            **objective.rates(self.samples / elapsed, self.tokens / elapsed),
             "epoch": self.trainer.loader.epoch,
         }
-        if self.peak_total:
-            record["mfu"] = mfu(self.flops_per_sequence * record["samples_per_s"], self.peak_total)
         self.started, self.samples, self.tokens = now, 0.0, 0.0
-        shown = {key: record[key] for key in ("loss", "mlm_acc", "lr", "samples_per_s") if key in record}
+        shown = {key: record[key] for key in objective.progress_keys if key in record}
         self.trainer.log(
             format_progress(self.trainer.progress.step, self.trainer.config.train.total_steps, shown)
         )
@@ -426,7 +380,7 @@ def log_decisions(trainer: Trainer, plan: ResumePlan | None) -> None:
     if zero_stage(trainer.ds_config) == 3:
         parameters = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.engine.module.parameters())
     trainer.log(
-        f"world size {trainer.env.world_size} | grad accumulation {trainer.loader.grad_accum} | "
+        f"objective {trainer.objective.name} | world size {trainer.env.world_size} | grad accumulation {trainer.loader.grad_accum} | "
         f"micro batch {trainer.ds_config['train_micro_batch_size_per_gpu']} | global batch "
         f"{trainer.ds_config['train_batch_size']} | parameters {parameters:,} | ZeRO stage "
         f"{zero_stage(trainer.ds_config)} | dtype {ds.precision(trainer.ds_config)} | device {trainer.env.device} | "
@@ -440,17 +394,8 @@ def build(config: Config, options: RunOptions) -> tuple[Trainer, ResumePlan | No
     env = ds.setup_distributed()
     seed_everything(config.train.seed)
     ds_config = resolve_deepspeed_config(config, env.world_size)
-    loader = PretrainLoader(
-        options.data_dir,
-        global_batch_size=ds_config["train_batch_size"],
-        micro_batch_size=ds_config["train_micro_batch_size_per_gpu"],
-        rank=env.rank,
-        world_size=env.world_size,
-        seed=config.train.seed,
-        masking=MaskingConfig(mask_prob=config.data.mask_prob, whole_word=config.data.whole_word_mask),
-        num_workers=config.data.num_workers,
-    )
-    model_config = model_config_for(config, loader.vocab_size, loader.seq_len, loader.objective)
+    context = ObjectiveContext(config, env, ds_config, options.data_dir)
+    objective = build_objective(objective_of(config), context)
     checkpoint_dir = options.run_dir / "checkpoints"
     if env.is_main:
         options.run_dir.mkdir(parents=True, exist_ok=True)
@@ -468,23 +413,14 @@ def build(config: Config, options: RunOptions) -> tuple[Trainer, ResumePlan | No
         dropped = ckpt.remove_newer(checkpoint_dir, ckpt.step_of_tag(tag_dir.name) or 0)
         if dropped:
             print(f"removed checkpoints newer than {tag_dir.name}: {dropped}", flush=True)
-    plan = (
-        plan_resume(tag_dir, env, model_config, loader.manifest["tokenizer"]["sha256"]) if tag_dir else None
-    )
-    model = BertForPreTraining(model_config).to(env.device)
+    plan = plan_resume(tag_dir, env, objective) if tag_dir else None
     engine = ds.build_engine(
-        model, ds.with_universal_loading(ds_config) if plan and plan.universal else ds_config
+        objective.model,
+        ds.with_universal_loading(ds_config) if plan and plan.universal else ds_config,
+        objective.optimizer,
     )
-    trainer = Trainer(
-        config,
-        options,
-        env,
-        model_config,
-        ds_config,
-        loader,
-        engine,
-        MetricsWriter(options.run_dir, enabled=env.is_main),
-    )
+    writer = MetricsWriter(options.run_dir, enabled=env.is_main)
+    trainer = Trainer(config, options, env, objective, ds_config, engine, writer)
     if options.trace_samples:
         trainer.trace = ckpt.SampleTrace.for_rank(options.run_dir, env.rank)
     return trainer, plan

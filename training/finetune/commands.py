@@ -5,6 +5,13 @@ pretrain finetune --config configs/finetune-classification.yaml --model EXPORT_O
 pretrain finetune --config configs/finetune-classification.yaml --model none --tokenizer DATA/tokenizer \\
     --train train.csv --eval dev.csv --run-dir runs/sst-baseline
 deepspeed --num_gpus 8 --module training.finetune.commands --config ... --model ... --train ... --eval ... --run-dir ...
+
+Images (``task.type: image``; --train/--eval are `pretrain prepare images` directories, the same one: its
+train and val splits):
+pretrain finetune --config configs/finetune-images.yaml --model exports/simclr --train IMAGES --eval IMAGES \
+    --run-dir runs/probe --freeze head --label-fraction 0.1
+pretrain finetune --config configs/finetune-images.yaml --model none --train IMAGES --eval IMAGES \
+    --run-dir runs/probe-baseline --freeze head
 """
 
 from __future__ import annotations
@@ -28,9 +35,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="export directory, run directory (its newest checkpoint), or `none` (random init: the baseline)",
     )
     parser.add_argument(
-        "--train", required=True, help="labelled training file (.csv, .tsv, .jsonl, .parquet)"
+        "--train",
+        required=True,
+        help="labelled training file (.csv, .tsv, .jsonl, .parquet), or an image shard directory (task.type image)",
     )
-    parser.add_argument("--eval", required=True, help="labelled evaluation file (same formats)")
+    parser.add_argument(
+        "--eval",
+        required=True,
+        help="labelled evaluation file (same formats), or an image shard directory (the same as --train: "
+        "its val split)",
+    )
     parser.add_argument(
         "--run-dir", required=True, help="output: eval.json, best/, predictions.jsonl, metrics"
     )
@@ -39,6 +53,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="full (everything trains), head (linear probe) or top-K (last K layers + head); "
         "defaults to the config's train.freeze",
+    )
+    parser.add_argument(
+        "--label-fraction",
+        type=float,
+        default=None,
+        help="train on this class-balanced share of the labelled training rows (e.g. 0.01, 0.1, 1.0); "
+        "defaults to the config's train.label_fraction",
     )
     parser.add_argument(
         "--tokenizer",
@@ -65,6 +86,8 @@ def run_finetune(args: argparse.Namespace) -> dict[str, Any]:
     overrides = list(args.overrides)
     if args.freeze is not None:
         overrides.append(f"train.freeze={args.freeze}")  # the dedicated flag wins over --set
+    if getattr(args, "label_fraction", None) is not None:
+        overrides.append(f"train.label_fraction={args.label_fraction}")
     config = load_finetune_config(args.config, overrides)
     options = FinetuneOptions(
         model=args.model,

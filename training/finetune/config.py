@@ -29,14 +29,18 @@ from training.config import (
     zero_stage,
 )
 
-TASK_TYPES = ("classification", "pair", "regression", "tokens")
+TASK_TYPES = ("classification", "pair", "regression", "tokens", "image")
+IMAGE_TASK_TYPES = ("image",)
+"""Task types read from image shard directories (``pretrain prepare images``) with a ResNet encoder."""
 DEFAULT_METRICS = {
+    "image": "accuracy",
     "classification": "accuracy",
     "pair": "accuracy",
     "regression": "pearson",
     "tokens": "entity_f1",
 }
 TASK_METRICS = {
+    "image": ("accuracy", "macro_f1", "mcc"),
     "classification": ("accuracy", "macro_f1", "mcc"),
     "pair": ("accuracy", "macro_f1", "mcc"),
     "regression": ("pearson", "spearman", "mse"),
@@ -54,7 +58,8 @@ class TaskConfig:
     """What to predict and where the inputs are in the data files."""
 
     type: str = "classification"
-    """``classification`` (one text), ``pair`` (two texts), ``regression`` (one or two texts) or ``tokens``."""
+    """``classification`` (one text), ``pair`` (two texts), ``regression`` (one or two texts), ``tokens``,
+    or ``image`` (image classification on image shard directories)."""
     text: str = "text"
     """Column of the (first) text; for ``tokens`` the whitespace-split text when there is no tokens column."""
     text_pair: str = "text_pair"
@@ -69,6 +74,22 @@ class TaskConfig:
     """Longest input in tokens, [CLS]/[SEP] included; longer inputs are truncated (and counted)."""
     pooling: str = "cls"
     """Sentence representation: ``cls`` (BERT's tanh pooler on [CLS]) or ``mean`` (mean of the tokens)."""
+    image_size: int | None = None
+    """``image`` task: side of the crops. Defaults to the pre-trained model's, else the manifest's size."""
+    train_crop_scale_min: float = 0.08
+    """``image`` task: smallest area share of the random resized crop of training images (1.0: whole image)."""
+    eval_crop_fraction: float = 0.875
+    """``image`` task: central share of the shorter side kept for evaluation (1.0 for small images)."""
+
+
+@dataclass
+class ResNetConfig:
+    """The ResNet of ``--model none`` for image tasks (a pre-trained model brings its own)."""
+
+    depth: int = 18
+    """18, 34, 50 or 101."""
+    cifar_stem: bool = False
+    """3x3 stride-1 first convolution and no max-pool (for 32 px images)."""
 
 
 @dataclass
@@ -85,6 +106,8 @@ class FinetuneTrainConfig:
     """Stop after this many evaluations without improvement of ``metric`` (0: never stop early)."""
     freeze: str = "full"
     """``full`` (all trains), ``head`` (linear probe) or ``top-K`` (last K encoder layers + head)."""
+    label_fraction: float = 1.0
+    """Share of each class's training rows used (class-balanced, seeded by ``seed``): 0.01, 0.1 or 1.0."""
     head_dropout: float = 0.1
     """Dropout before the task head's output layer."""
     eval_batch_size: int = 64
@@ -101,6 +124,8 @@ class FinetuneConfig:
     """The task and its columns."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Architecture of the random-init baseline (``--model none``) only."""
+    resnet: ResNetConfig = field(default_factory=ResNetConfig)
+    """Architecture of the random-init image baseline (``--model none`` with ``task.type: image``) only."""
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     """Epochs, evaluation, early stopping and freezing."""
     tokenizer: str | None = None
@@ -109,7 +134,12 @@ class FinetuneConfig:
     """The literal DeepSpeed config (train_batch_size is the global batch)."""
 
 
-SECTIONS: dict[str, type] = {"task": TaskConfig, "model": ModelConfig, "train": FinetuneTrainConfig}
+SECTIONS: dict[str, type] = {
+    "task": TaskConfig,
+    "model": ModelConfig,
+    "resnet": ResNetConfig,
+    "train": FinetuneTrainConfig,
+}
 
 
 def metric_name(config: FinetuneConfig) -> str:
@@ -149,6 +179,15 @@ def _check_values(config: FinetuneConfig) -> None:
             raise UserError(f"train.{key}: expected a positive int, got {getattr(train, key)}")
     if train.patience < 0:
         raise UserError(f"train.patience: expected an int >= 0, got {train.patience}")
+    if not 0.0 < train.label_fraction <= 1.0:
+        raise UserError(f"train.label_fraction: expected a value in (0, 1], got {train.label_fraction}")
+    if not 0.0 < task.train_crop_scale_min <= 1.0 or not 0.0 < task.eval_crop_fraction <= 1.0:
+        raise UserError(
+            f"task.train_crop_scale_min {task.train_crop_scale_min} and task.eval_crop_fraction "
+            f"{task.eval_crop_fraction}: expected values in (0, 1]"
+        )
+    if task.image_size is not None and task.image_size < 1:
+        raise UserError(f"task.image_size: expected a positive int, got {task.image_size}")
     if not 0.0 <= train.head_dropout < 1.0:
         raise UserError(f"train.head_dropout: expected a value in [0, 1), got {train.head_dropout}")
     parse_freeze(train.freeze)

@@ -1,5 +1,9 @@
 """The fine-tuning run under the DeepSpeed engine: build, train an epoch, evaluate, keep the best, stop early.
 
+The loop is the same for text and image tasks; a task kind (:data:`TASK_KINDS`: :class:`~training.finetune.
+text_task.TextTask`, :class:`~training.finetune.images.ImageTask`) supplies the model, the batches, the
+predictions, the scores and the export of the best epoch.
+
 One process by default; under a launcher every rank takes its share of each global batch and of the
 evaluation rows, and rank 0 writes the files:
 
@@ -17,155 +21,32 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
-import sentencepiece as spm
 import torch
 import torch.distributed as dist
 from numpy.typing import NDArray
+from torch import nn
 
-from data_pipeline.errors import UserError
 from training import engine as ds
 from training.checkpoint import write_atomic
 from training.finetune.config import (
+    IMAGE_TASK_TYPES,
     LOWER_IS_BETTER,
     FinetuneConfig,
     config_yaml,
     metric_name,
-    parse_freeze,
     resolve_deepspeed_config,
     zero_stage,
 )
-from training.finetune.data import IGNORE_INDEX, Encoded, TaskData, collate, load_task_data
-from training.finetune.heads import TaskModel, apply_freeze, load_encoder
-from training.finetune.metrics import classification_scores, entity_scores, regression_scores
+from training.finetune.images import ImageTask
+from training.finetune.text_task import TextTask
 from training.metrics import MetricsWriter
-from training.models.bert import BertConfig, BertForPreTraining, bert_config
 from training.trainer import seed_everything
-
-
-@dataclass
-class ModelSource:
-    """Where the encoder comes from: its architecture, weights (None: random init) and tokenizer."""
-
-    location: str
-    """``--model`` as given (``none`` for the random-init baseline)."""
-    model_config: BertConfig
-    state_dict: dict[str, torch.Tensor] | None
-    """Pre-trained weights under the pre-training names (tied aliases included), or None."""
-    spm_path: Path
-
-
-def _tokenizer_file(path: str) -> Path:
-    from data_pipeline.tokenizer import load_processor, resolve_model_path, verify_specials
-
-    model_file = resolve_model_path(path)
-    verify_specials(load_processor(model_file), model_file)
-    return Path(model_file)
-
-
-def resolve_source(model: str, tokenizer: str | None, config: FinetuneConfig) -> ModelSource:
-    """Read ``--model``: an export or run directory (its own tokenizer), or ``none``.
-
-    ``none`` builds the config's ``model:`` architecture with the vocabulary of ``--tokenizer`` (or the
-    config's ``tokenizer``). With a pre-trained model the model's own tokenizer is used; a ``--tokenizer``
-    that is a different file is refused rather than silently ignored.
-
-    Raises:
-        UserError: No tokenizer for ``none``, a tokenizer that disagrees with the model, or a
-            ``task.max_seq_len`` beyond the model's position table.
-    """
-    max_len = config.task.max_seq_len
-    if model == "none":
-        if tokenizer is None:
-            raise UserError(
-                "--model none needs a tokenizer: pass --tokenizer PATH or set `tokenizer:` in the config"
-            )
-        spm_path = _tokenizer_file(tokenizer)
-        section = config.model
-        model_config = bert_config(
-            section.size,
-            spm.SentencePieceProcessor(model_file=str(spm_path)).GetPieceSize(),
-            hidden_size=section.hidden_size,
-            num_hidden_layers=section.num_hidden_layers,
-            num_attention_heads=section.num_attention_heads,
-            intermediate_size=section.intermediate_size,
-            max_position_embeddings=max(512, max_len),
-            hidden_dropout_prob=section.dropout,
-            attention_probs_dropout_prob=section.dropout,
-            pre_layernorm=section.pre_layernorm,
-            next_sentence_head=False,
-        )
-        return ModelSource(model, model_config, None, spm_path)
-    from training.export import load_encoder_weights
-
-    model_config, state_dict, spm_path = load_encoder_weights(model)
-    if tokenizer is not None and _tokenizer_file(tokenizer).read_bytes() != Path(spm_path).read_bytes():
-        raise UserError(
-            f"--tokenizer {tokenizer}: differs from the tokenizer of --model {model} ({spm_path})"
-        )
-    if max_len > model_config.max_position_embeddings:
-        raise UserError(
-            f"task.max_seq_len {max_len} exceeds the {model_config.max_position_embeddings} positions of --model {model}"
-        )
-    return ModelSource(model, model_config, state_dict, Path(spm_path))
-
-
-def write_task_export(
-    out_dir: Path,
-    task_state: dict[str, torch.Tensor],
-    source: ModelSource,
-    config: FinetuneConfig,
-    labels: list[str] | None,
-    facts: dict[str, Any],
-) -> None:
-    """An export directory of the fine-tuned model that ``--model`` and the exporter's readers accept.
-
-    The encoder weights are the fine-tuned ``bert.*``; the pre-training heads (MLM, and the sentence
-    head when the source had one) are carried over unchanged from the source (freshly initialised for
-    ``none``), so the encoder part is a complete pre-training export. The task head's weights are added
-    to the same model.safetensors under ``head.*``; config.json describes the task under ``finetune``.
-    """
-    from safetensors.torch import load_file, save_file
-
-    from training.export import TIED_ALIASES, WEIGHTS_FILE, retie, write_export
-
-    if source.state_dict is not None:
-        base, export_config = source.state_dict, source.model_config
-    else:
-        export_config = source.model_config
-        base = BertForPreTraining(export_config).state_dict()
-    full = {name: tensor for name, tensor in base.items() if name not in TIED_ALIASES}
-    full.update({name: tensor for name, tensor in task_state.items() if name.startswith("bert.")})
-    head = {
-        name: tensor.float().contiguous() for name, tensor in task_state.items() if name.startswith("head.")
-    }
-    task = {
-        "type": config.task.type,
-        "labels": labels,
-        "pooling": config.task.pooling,
-        "max_seq_len": config.task.max_seq_len,
-        "freeze": config.train.freeze,
-        "head_weights": sorted(head),
-        "columns": {
-            key: getattr(config.task, key) for key in ("text", "text_pair", "label", "tokens", "tags")
-        },
-        "base_model": source.location,
-        **facts,
-    }
-    card = {"source": f"fine-tuned from {source.location}", "metrics": facts}
-    write_export(
-        out_dir, retie(full), export_config, source.spm_path, card=card, extra_config={"finetune": task}
-    )
-    weights = out_dir / WEIGHTS_FILE
-    merged = {**load_file(str(weights)), **head}
-    partial = weights.with_name(weights.name + ".partial")
-    save_file(merged, str(partial), metadata={"format": "pt"})
-    partial.replace(weights)
 
 
 @dataclass
@@ -179,6 +60,50 @@ class FinetuneOptions:
     run_dir: Path
     tokenizer: str | None = None
     """SentencePiece model for ``--model none`` (overrides the config's ``tokenizer``)."""
+
+
+class Task(Protocol):
+    """What the loop asks of a task kind (built before the process group: user errors surface first)."""
+
+    model: nn.Module
+    """The task model (encoder + head) with the freezing applied."""
+    trainable: list[str]
+    """Names of the parameters that train."""
+    labels: list[str] | None
+    train_rows: int
+    eval_rows: int
+
+    def batch(self, indices: Sequence[int], split: str, epoch: int, device: torch.device) -> dict[str, Any]:
+        """Model inputs of rows ``indices`` of ``split`` (``train``: augmented per ``epoch``; ``eval``)."""
+        ...
+
+    def predictions(self, logits: torch.Tensor, indices: Sequence[int]) -> list[Any]:
+        """Predictions of evaluation rows ``indices`` from their logits."""
+        ...
+
+    def score(self, predictions: list[Any]) -> tuple[dict[str, float], list[Any], list[Any]]:
+        """Metrics, and predictions and labels as names (or values), of all evaluation rows."""
+        ...
+
+    def write_best(self, out_dir: Path, state: dict[str, torch.Tensor], facts: dict[str, Any]) -> None:
+        """The export directory of the best epoch (rank 0)."""
+        ...
+
+    def describe(self) -> str:
+        """The task's part of the start-up line."""
+        ...
+
+
+TASK_KINDS: dict[str, Callable[[FinetuneConfig, FinetuneOptions], Task]] = {
+    "text": TextTask,
+    "image": ImageTask,
+}
+"""Task kind -> its builder; ``task.type`` picks the kind (see :func:`task_kind`)."""
+
+
+def task_kind(config: FinetuneConfig) -> str:
+    """``image`` for image task types, else ``text``."""
+    return "image" if config.task.type in IMAGE_TASK_TYPES else "text"
 
 
 def epoch_order(rows: int, global_batch: int, seed: int, epoch: int) -> list[NDArray[np.int64]]:
@@ -229,39 +154,6 @@ class Evaluation:
     labels: list[Any]
 
 
-def decode_predictions(logits: torch.Tensor, batch: Sequence[Encoded], task_type: str) -> list[Any]:
-    """Class indices, real values, or for ``tokens`` one tag index per word (truncated words: -1)."""
-    if task_type == "regression":
-        return logits.float().tolist()
-    if task_type != "tokens":
-        return logits.argmax(-1).tolist()
-    best = logits.argmax(-1)  # (batch, seq)
-    decoded = []
-    for row, item in enumerate(batch):
-        first_pieces = [pos for pos, label in enumerate(item.label) if label != IGNORE_INDEX]  # type: ignore[union-attr]
-        tags = [int(best[row, pos]) for pos in first_pieces]
-        decoded.append(tags + [-1] * (item.words - len(tags)))
-    return decoded
-
-
-def score(
-    task_type: str, predictions: list[Any], data: TaskData
-) -> tuple[dict[str, float], list[Any], list[Any]]:
-    """Metrics of the evaluation predictions, and predictions and labels as names (or values)."""
-    if task_type == "regression":
-        labels = [float(item.label) for item in data.eval]  # type: ignore[arg-type]
-        return regression_scores(predictions, labels), predictions, labels
-    names = data.labels or []
-    if task_type == "tokens":
-        # Words cut off by truncation are predicted "O": they count as missed entities, not as absent.
-        predicted = [[names[tag] if tag >= 0 else "O" for tag in row] for row in predictions]
-        gold = [example.tags for example in data.eval_examples]
-        return entity_scores(predicted, gold), predicted, gold
-    gold_ids = [int(item.label) for item in data.eval]  # type: ignore[arg-type]
-    scores = classification_scores(predictions, gold_ids)
-    return scores, [names[index] for index in predictions], [names[index] for index in gold_ids]
-
-
 @dataclass
 class FinetuneRun:
     """One rank's fine-tuning run; :func:`build` makes it, :meth:`fit` runs it."""
@@ -269,8 +161,7 @@ class FinetuneRun:
     config: FinetuneConfig
     options: FinetuneOptions
     env: ds.DistEnv
-    source: ModelSource
-    data: TaskData
+    task: Task
     ds_config: dict[str, Any]
     engine: Any
     writer: MetricsWriter
@@ -283,20 +174,17 @@ class FinetuneRun:
         if self.env.is_main:
             print(message, flush=True)
 
-    def batch(self, indices: Sequence[int], rows: list[Encoded]) -> dict[str, torch.Tensor]:
-        tensors = collate([rows[i] for i in indices], self.config.task.type)
-        return {key: value.to(self.env.device) for key, value in tensors.items()}
-
     def train_epoch(self, epoch: int) -> float:
         """One pass over the training rows; returns the mean training loss (over ranks and micro-batches)."""
         self.engine.train()
         global_batch = self.ds_config["train_batch_size"]
         micro = self.ds_config["train_micro_batch_size_per_gpu"]
         losses = torch.zeros(2, dtype=torch.float64)  # loss sum, micro-batches
-        for indices in epoch_order(len(self.data.train), global_batch, self.config.train.seed, epoch):
+        for indices in epoch_order(self.task.train_rows, global_batch, self.config.train.seed, epoch):
             step_losses = torch.zeros(2, dtype=torch.float64)
             for micro_indices in rank_micro_batches(indices, self.env.rank, self.env.world_size, micro):
-                output = self.engine(**self.batch(micro_indices.tolist(), self.data.train))
+                batch = self.task.batch(micro_indices.tolist(), "train", epoch, self.env.device)
+                output = self.engine(**batch)
                 self.engine.backward(output.loss)
                 self.engine.step()
                 step_losses += torch.tensor([float(output.loss.detach()), 1.0], dtype=torch.float64)
@@ -311,32 +199,27 @@ class FinetuneRun:
     def evaluate(self) -> Evaluation:
         """Predict every evaluation row (shared out over ranks) and score the predictions."""
         self.engine.eval()
-        shard = eval_shard(len(self.data.eval), self.env.rank, self.env.world_size)
+        shard = eval_shard(self.task.eval_rows, self.env.rank, self.env.world_size)
         size = self.config.train.eval_batch_size
         mine: list[Any] = []
         with torch.no_grad():
             for start in range(0, len(shard), size):
                 indices = shard[start : start + size].tolist()
-                output = self.engine(**self.batch(indices, self.data.eval))
-                mine += decode_predictions(
-                    output.logits, [self.data.eval[i] for i in indices], self.config.task.type
-                )
+                output = self.engine(**self.task.batch(indices, "eval", 0, self.env.device))
+                mine += self.task.predictions(output.logits, indices)
         gathered: list[Any] = [None] * self.env.world_size
         dist.all_gather_object(gathered, mine)
-        predictions = [item for part in gathered for item in part][: len(self.data.eval)]
-        metrics, shown, labels = score(self.config.task.type, predictions, self.data)
+        predictions = [item for part in gathered for item in part][: self.task.eval_rows]
+        metrics, shown, labels = self.task.score(predictions)
         return Evaluation(metrics, shown, labels)
 
     def save_best(self, epoch: int, evaluation: Evaluation) -> None:
         """Write RUN_DIR/best/ and RUN_DIR/predictions.jsonl (the state is gathered on every rank)."""
         state = gather_state(self.engine, self.ds_config)
         if self.env.is_main:
-            write_task_export(
+            self.task.write_best(
                 self.options.run_dir / "best",
                 state,
-                self.source,
-                self.config,
-                self.data.labels,
                 {"epoch": epoch, metric_name(self.config): evaluation.metrics[metric_name(self.config)]},
             )
             lines = [
@@ -409,38 +292,24 @@ def gather_state(engine: Any, ds_config: dict[str, Any]) -> dict[str, torch.Tens
     return {name: tensor.detach().cpu().clone() for name, tensor in module.state_dict().items()}
 
 
-def build_model(config: FinetuneConfig, source: ModelSource, data: TaskData) -> tuple[TaskModel, list[str]]:
-    """The task model, its pre-trained weights loaded, with the freezing applied; and what trains."""
-    task = config.task
-    outputs = 1 if task.type == "regression" else len(data.labels or [])
-    model = TaskModel(source.model_config, task.type, outputs, config.train.head_dropout, task.pooling)
-    if source.state_dict is not None:
-        load_encoder(model, source.state_dict, source.location)
-    trainable = apply_freeze(model, parse_freeze(config.train.freeze))
-    return model, trainable
-
-
 def build(config: FinetuneConfig, options: FinetuneOptions) -> FinetuneRun:
     """Read the model and the data (user errors surface here, before any process group), then join the
     process group and build the engine."""
     seed_everything(config.train.seed)
-    source = resolve_source(options.model, options.tokenizer or config.tokenizer, config)
-    processor = spm.SentencePieceProcessor(model_file=str(source.spm_path))
-    data = load_task_data(options.train_path, options.eval_path, processor, config.task)
-    model, trainable = build_model(config, source, data)
+    task = TASK_KINDS[task_kind(config)](config, options)
     env = ds.setup_distributed()
     global_batch = config.deepspeed.get("train_batch_size")
     batch_known = isinstance(global_batch, int) and global_batch > 0
-    steps_per_epoch = math.ceil(len(data.train) / global_batch) if batch_known else 1
+    steps_per_epoch = math.ceil(task.train_rows / global_batch) if batch_known else 1
     ds_config = resolve_deepspeed_config(config, env.world_size, config.train.epochs * steps_per_epoch)
-    engine = ds.build_engine(model.to(env.device), ds_config)
+    engine = ds.build_engine(task.model.to(env.device), ds_config)
     if env.is_main:
         options.run_dir.mkdir(parents=True, exist_ok=True)
         (options.run_dir / "config.yaml").write_text(config_yaml(config), encoding="utf-8")
         print("resolved config:\n" + config_yaml(config), flush=True)
     dist.barrier()
     writer = MetricsWriter(options.run_dir, enabled=env.is_main)
-    run = FinetuneRun(config, options, env, source, data, ds_config, engine, writer, trainable)
+    run = FinetuneRun(config, options, env, task, ds_config, engine, writer, task.trainable)
     log_decisions(run, steps_per_epoch)
     return run
 
@@ -452,11 +321,8 @@ def log_decisions(run: FinetuneRun, steps_per_epoch: int) -> None:
     sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
     total = sum(size for size, _ in sizes)
     trainable = sum(size for size, trains in sizes if trains)
-    truncated = sum(item.truncated for item in run.data.train + run.data.eval)
     run.log(
-        f"task {run.config.task.type} | model {run.source.location} | labels "
-        f"{len(run.data.labels) if run.data.labels else 'regression'} | train rows {len(run.data.train)} | "
-        f"eval rows {len(run.data.eval)} | truncated rows {truncated} | freeze {run.config.train.freeze} | "
+        f"{run.task.describe()} | freeze {run.config.train.freeze} | "
         f"trainable parameters {trainable:,} of {total:,} | world size {run.env.world_size} | "
         f"global batch {run.ds_config['train_batch_size']} | steps per epoch {steps_per_epoch} | "
         f"dtype {ds.precision(run.ds_config)} | device {run.env.device}"

@@ -1,0 +1,71 @@
+"""What the trainer asks of a pre-training objective: loader, model, micro-batch step, evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from training.config import Config
+from training.engine import DistEnv
+
+
+@dataclass(frozen=True)
+class ObjectiveContext:
+    """Everything an objective builder reads: the config, this rank, the resolved DeepSpeed config, the data."""
+
+    config: Config
+    env: DistEnv
+    ds_config: dict[str, Any]
+    data_dir: str
+
+
+@dataclass
+class MicroStep:
+    """One micro-batch's forward pass."""
+
+    loss: torch.Tensor
+    """Scalar loss to back-propagate."""
+    sums: torch.Tensor
+    """(len(sum_names),) float64 values on the device, summed over micro-batches and ranks."""
+    tokens: int
+    """Tokens the micro-batch held (0 for images)."""
+    samples: int
+    """Samples (sequences, images) the micro-batch held."""
+
+
+class Objective(Protocol):
+    """A pre-training objective as the trainer uses it (see :mod:`training.objectives`)."""
+
+    name: str
+    """Registry name, recorded in checkpoints (``bert``, ``simclr``)."""
+    loader: Any
+    """The resumable training loader (``__iter__``, ``step_done``, ``state_dict``, ``grad_accum``...)."""
+    model: nn.Module
+    """The model for one device (the engine wraps it)."""
+    optimizer: torch.optim.Optimizer | None
+    """A client optimizer for DeepSpeed, or None for the ``deepspeed.optimizer`` section."""
+    model_config: dict[str, Any]
+    """The architecture, saved in checkpoints and compared on resume."""
+    data_fingerprint: str | None
+    """sha256 of what the data's meaning depends on (the tokenizer), compared on resume; None for images."""
+    progress_keys: tuple[str, ...]
+    """Metrics shown on the progress line."""
+
+    def forward(self, engine: Any, batch: dict[str, Any], step: int, micro: int) -> MicroStep:
+        """Forward one micro-batch (``micro`` of optimizer step ``step``) through the engine."""
+        ...
+
+    def step_metrics(self, sums: torch.Tensor, micro_batches: int) -> dict[str, float]:
+        """Step metrics from the sums over ``micro_batches`` (micro-batches of all ranks)."""
+        ...
+
+    def evaluate(self, engine: Any) -> dict[str, float]:
+        """Validation metrics (collective: every rank calls it); empty when there is nothing to measure."""
+        ...
+
+    def rates(self, samples_per_s: float, tokens_per_s: float) -> dict[str, float]:
+        """Throughput metrics from the raw rates over all ranks."""
+        ...
