@@ -25,8 +25,8 @@ import sys
 import sysconfig
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -103,8 +103,7 @@ def write_corpus(workdir: Path, corpus_mb: float) -> Path:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_suffix(".tmp"), "w", encoding="utf-8") as handle:
-        for document in docstring_documents(int(corpus_mb * 2**20)):
-            handle.write(json.dumps(document, ensure_ascii=False) + "\n")
+        handle.writelines(json.dumps(document, ensure_ascii=False) + "\n" for document in docstring_documents(int(corpus_mb * 2**20)))
     if path.with_suffix(".tmp").stat().st_size == 0:
         raise UserError(f"no Python docstrings found under {sysconfig.get_paths()['stdlib']}")
     os.replace(path.with_suffix(".tmp"), path)
@@ -199,7 +198,7 @@ def finetune_score(model: str, train: Path, evaluation: Path, run_dir: Path, ext
     command = [sys.executable, "-m", "launch.cli", "finetune", "--config", str(config), "--model", model,
                "--train", str(train), "--eval", str(evaluation), "--run-dir", str(run_dir), *extra]
     print(f"\n=== finetune: {' '.join(command[2:])}", flush=True)
-    if subprocess.run(command).returncode != 0:
+    if subprocess.run(command, check=False).returncode != 0:
         raise UserError(f"demo fine-tuning from {model} failed; see the log above")
     return json.loads((run_dir / "eval.json").read_text())["final"]
 
@@ -237,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
     command = train_command(data_dir, run_dir, args.steps, args.processes)
     print(f"\n=== train: {' '.join(command)}", flush=True)
     environment = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    if subprocess.run(command, env=environment).returncode != 0:
+    if subprocess.run(command, env=environment, check=False).returncode != 0:
         raise UserError("demo pre-training failed; see the log above")
     print_loss_curve(run_dir)
     export_dir = workdir / "export"

@@ -108,3 +108,8 @@ EXPECTED_WIKI_RECORDS = [
 def multistream_parts() -> list[str]:
     """The dump cut like a multistream dump: header, then pages, then footer, each its own stream."""
     return [_HEADER, "".join(PAGES[:3]), "".join(PAGES[3:]) + _FOOTER]
+
+
+# Plain English nouns for generated test corpora (tests of the tokenizer and the text pipeline).
+WORDS = ["river", "stone", "light", "music", "window", "garden", "paper", "market", "winter", "engine", "forest", "signal", "harbour", "letter", "mountain", "number", "silver", "question", "morning", "village", "history", "science", "station", "pattern", "theory", "journey", "bridge", "candle", "doctor", "feather", "glacier", "hammer", "island", "jacket", "kettle", "ladder", "meadow", "needle", "orchard", "pencil"]
+MORE_WORDS = ["quarry", "ribbon", "saddle", "tunnel", "umbrella", "valley", "wagon", "yellow", "zephyr", "anchor", "basket", "cellar", "desert", "empire", "falcon", "gravel", "harvest", "insect", "jungle", "kingdom", "lantern", "marble", "nectar", "oyster", "palace", "quiver", "rocket"]

@@ -309,6 +309,6 @@ def test_a_program_left_with_a_live_multi_worker_iterator_still_exits(tmp_path: 
         f"loader = PretrainLoader({str(data)!r}, global_batch_size=8, micro_batch_size=4, num_workers=2)\n"
         "batches = iter(loader); next(batches); print('batch', flush=True)\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "batch"

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from apache_beam.testing.util import assert_that, equal_to
+from fixtures_text import WORDS
 
 from data_pipeline import pipeline
 from data_pipeline.commands_prepare import beam_arguments, recorded_options
@@ -33,48 +34,6 @@ from data_pipeline.shard_format import (
 from data_pipeline.tokenizer import load_processor, special_ids, train_sentencepiece, trainer_options
 from launch.cli import main
 
-WORDS = [
-    "river",
-    "stone",
-    "light",
-    "music",
-    "window",
-    "garden",
-    "paper",
-    "market",
-    "winter",
-    "engine",
-    "forest",
-    "signal",
-    "harbour",
-    "letter",
-    "mountain",
-    "number",
-    "silver",
-    "question",
-    "morning",
-    "village",
-    "history",
-    "science",
-    "station",
-    "pattern",
-    "theory",
-    "journey",
-    "bridge",
-    "candle",
-    "doctor",
-    "feather",
-    "glacier",
-    "hammer",
-    "island",
-    "jacket",
-    "kettle",
-    "ladder",
-    "meadow",
-    "needle",
-    "orchard",
-    "pencil",
-]
 SEQ_LEN = 64
 IN_MEMORY = ["--", "--direct_running_mode=in_memory", "--direct_num_workers=1"]
 

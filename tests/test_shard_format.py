@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +91,7 @@ def test_large_vocabularies_use_uint32() -> None:
 def test_truncated_shard_is_an_error(tmp_path: Path) -> None:
     write(tmp_path / "s.tar", random_examples(250, 8000))
     data = (tmp_path / "s.tar").read_bytes()
-    with pytest.raises(Exception):
+    with pytest.raises(tarfile.ReadError):
         list(iter_chunks(io.BytesIO(data[: len(data) // 2]), "s.tar"))
 
 

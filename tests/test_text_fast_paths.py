@@ -16,6 +16,7 @@ import apache_beam as beam
 import numpy as np
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
+from fixtures_text import WORDS
 
 from data_pipeline import examples as ex
 from data_pipeline import pipeline
@@ -131,49 +132,6 @@ def test_normalize_text_matches_the_reference_rules() -> None:
 
 
 # ------------------------------------------------------------------------------- batched tokenising
-
-WORDS = [
-    "river",
-    "stone",
-    "light",
-    "music",
-    "window",
-    "garden",
-    "paper",
-    "market",
-    "winter",
-    "engine",
-    "forest",
-    "signal",
-    "harbour",
-    "letter",
-    "mountain",
-    "number",
-    "silver",
-    "question",
-    "morning",
-    "village",
-    "history",
-    "science",
-    "station",
-    "pattern",
-    "theory",
-    "journey",
-    "bridge",
-    "candle",
-    "doctor",
-    "feather",
-    "glacier",
-    "hammer",
-    "island",
-    "jacket",
-    "kettle",
-    "ladder",
-    "meadow",
-    "needle",
-    "orchard",
-    "pencil",
-]
 
 
 def documents(count: int, seed: int = 0) -> list[str]:

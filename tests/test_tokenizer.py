@@ -8,81 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sentencepiece as spm
+from fixtures_text import MORE_WORDS, WORDS
 
 from data_pipeline import tokenizer as tk
 from data_pipeline.errors import UserError
 from data_pipeline.shard_format import MASK_ID, SPECIAL_TOKENS
 from launch.cli import main
 
-WORDS = [
-    "river",
-    "stone",
-    "light",
-    "music",
-    "window",
-    "garden",
-    "paper",
-    "market",
-    "winter",
-    "engine",
-    "forest",
-    "signal",
-    "harbour",
-    "letter",
-    "mountain",
-    "number",
-    "silver",
-    "question",
-    "morning",
-    "village",
-    "history",
-    "science",
-    "station",
-    "pattern",
-    "theory",
-    "journey",
-    "bridge",
-    "candle",
-    "doctor",
-    "feather",
-    "glacier",
-    "hammer",
-    "island",
-    "jacket",
-    "kettle",
-    "ladder",
-    "meadow",
-    "needle",
-    "orchard",
-    "pencil",
-    "quarry",
-    "ribbon",
-    "saddle",
-    "tunnel",
-    "umbrella",
-    "valley",
-    "wagon",
-    "yellow",
-    "zephyr",
-    "anchor",
-    "basket",
-    "cellar",
-    "desert",
-    "empire",
-    "falcon",
-    "gravel",
-    "harvest",
-    "insect",
-    "jungle",
-    "kingdom",
-    "lantern",
-    "marble",
-    "nectar",
-    "oyster",
-    "palace",
-    "quiver",
-    "rocket",
-]
+WORDS = [*WORDS, *MORE_WORDS]
 
 
 def write_corpus(directory: Path, documents: int = 120, seed: int = 0) -> Path:
