@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="demo-work", help="directory for the corpus, shards and run")
     parser.add_argument("--corpus-mb", type=float, default=DEFAULT_CORPUS_MB, help="size of the embedded corpus")
     parser.add_argument("--vocab-size", type=int, default=8000, help="SentencePiece vocabulary size")
-    parser.add_argument("--steps", type=int, default=300, help="pre-training steps")
+    parser.add_argument("--steps", type=int, default=1000, help="pre-training steps")
     parser.add_argument("--processes", type=int, default=2, help="DeepSpeed processes for pre-training")
     parser.add_argument("--skip-train", action="store_true", help="stop after tokenizer, prepare and inspect")
     parser.add_argument("--finetune-epochs", type=int, default=4, help="epochs of each fine-tuning run")
