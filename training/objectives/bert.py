@@ -77,16 +77,27 @@ class BertObjective:
 
     def forward(self, engine: Any, batch: dict[str, Any], step: int, micro: int) -> MicroStep:
         output = engine(**to_device(batch, self.context.env.device, self.input_keys))
-        # loss, mlm correct, mlm count: summed on the device so that no micro-step waits for the GPU.
-        sums = torch.stack(
-            [value.double() for value in (output.loss.detach(), output.mlm_correct, output.mlm_count)]
-        )
+        # Summed on the device so that no micro-step waits for the GPU: loss, mlm correct, mlm count,
+        # mlm loss, then nsp loss, correct and count (zeros for a model without the sentence head).
+        zero = torch.zeros((), device=output.loss.device)
+        nsp = (output.nsp_loss, output.nsp_correct, output.nsp_count)
+        values = (output.loss.detach(), output.mlm_correct, output.mlm_count, output.mlm_loss.detach())
+        values += tuple(zero if value is None else value.detach() for value in nsp)
+        sums = torch.stack([value.double() for value in values])
         return MicroStep(
             output.loss, sums, int(batch["attention_mask"].sum()), int(batch["input_ids"].shape[0])
         )
 
     def step_metrics(self, sums: torch.Tensor, micro_batches: int) -> dict[str, float]:
-        return {"loss": float(sums[0] / micro_batches), "mlm_acc": float(sums[1] / max(float(sums[2]), 1.0))}
+        metrics = {
+            "loss": float(sums[0] / micro_batches),
+            "mlm_loss": float(sums[3] / micro_batches),
+            "mlm_acc": float(sums[1] / max(float(sums[2]), 1.0)),
+        }
+        if float(sums[6]) > 0:
+            metrics["nsp_loss"] = float(sums[4] / micro_batches)
+            metrics["nsp_acc"] = float(sums[5] / sums[6])
+        return metrics
 
     def evaluate(self, engine: Any) -> dict[str, float]:
         """Mean validation loss and MLM accuracy over ``train.val_batches`` micro-batches per rank."""
