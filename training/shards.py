@@ -56,7 +56,8 @@ def open_binary(location: str) -> IO[bytes]:
 
             return fsspec.open(location, "rb").open()
         except (ImportError, ValueError):
-            pass  # protocol unknown to fsspec: fall back to webdataset's openers
+            # A protocol fsspec does not know: fall back to webdataset's openers below.
+            pass
     from webdataset import gopen
 
     with gopen(location, "rb") as stream:
