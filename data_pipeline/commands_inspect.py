@@ -1,12 +1,14 @@
-"""`pretrain inspect`: a shard directory's manifest summary and a few examples decoded back to text.
+"""`pretrain inspect`: a shard directory's manifest summary and a few examples decoded back.
 
 pretrain inspect shards/
 pretrain inspect shards/ --samples 10 --split val
+pretrain inspect image-shards/       # image shards: key, class and size of each sample
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import tarfile
 from collections.abc import Iterator
@@ -16,14 +18,16 @@ import numpy as np
 
 from data_pipeline.errors import UserError
 from data_pipeline.examples import SPLITS
-from data_pipeline.shard_format import SEP_ID, Example, iter_chunks, load_manifest
+from data_pipeline.shard_format import IMAGE_FORMAT_NAME, SEP_ID, Example, iter_chunks, load_manifest
 from data_pipeline.tokenizer import load_processor
 
 LABEL_NAMES = {"nsp": ("next", "random"), "sop": ("in order", "swapped"), "none": ("-", "-")}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("directory", metavar="DIR", help="a directory written by `pretrain prepare text`")
+    parser.add_argument(
+        "directory", metavar="DIR", help="a directory written by `pretrain prepare text` or `prepare images`"
+    )
     parser.add_argument("--samples", type=int, default=3, help="examples to decode and print")
     parser.add_argument("--split", choices=SPLITS, default="train", help="split the examples come from")
 
@@ -87,12 +91,82 @@ def render_example(processor: Any, example: Example, objective: str) -> str:
     return f"{rendered}  ({objective}: {label})"
 
 
+def image_summary_lines(manifest: dict[str, Any]) -> list[str]:
+    """An image manifest in a few lines: splits, images, bytes, shards, classes, rejects."""
+    images = manifest["images"]
+    lines = [f"format {manifest['format']}, image size {manifest['image_size']}, seed {manifest['seed']}"]
+    for split, entry in manifest["splits"].items():
+        lines.append(
+            f"  {split:<5} {entry['samples']:>12,} images {entry['bytes'] / 2**20:>12,.1f} MiB "
+            f"{len(entry['shards']):>5} shards"
+        )
+    rejected = ", ".join(f"{reason} {count:,}" for reason, count in images["rejected"].items()) or "none"
+    lines.append(f"images: read {images['read']:,}, kept {images['kept']:,}, rejected: {rejected}")
+    classes = manifest.get("classes") or []
+    lines.append(f"classes ({len(classes)}): {', '.join(classes[:20])}{' …' if len(classes) > 20 else ''}")
+    return lines
+
+
+def _tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {suffix: bytes}) per WebDataset sample of a tar, streamed in file order."""
+    key, members = None, {}
+    with tarfile.open(path, "r|") as tar:
+        for member in tar:
+            member_key, _, suffix = member.name.partition(".")
+            if key is not None and member_key != key:
+                yield key, members
+                members = {}
+            key = member_key
+            handle = tar.extractfile(member)
+            members[suffix] = handle.read() if handle else b""
+    if key is not None:
+        yield key, members
+
+
+def iter_image_samples(directory: str, manifest: dict[str, Any], split: str) -> Iterator[str]:
+    """One line per image sample of ``split``: key, class, pixel size and JPEG bytes."""
+    from PIL import Image
+
+    classes = manifest.get("classes") or []
+    for shard in manifest["splits"][split]["shards"]:
+        path = os.path.join(directory, shard["path"])
+        try:
+            for key, members in _tar_samples(path):
+                width, height = Image.open(io.BytesIO(members["jpg"])).size
+                label = int(members["cls"]) if "cls" in members else None
+                name = "unlabelled" if label is None else f"class {label} ({classes[label]})"
+                yield f"{key}: {name}, {width}x{height}, {len(members['jpg']):,} bytes"
+        except FileNotFoundError as error:
+            raise UserError(f"shard {path} listed in the manifest is missing") from error
+        except (KeyError, ValueError, OSError, IndexError, tarfile.TarError) as error:
+            raise UserError(f"shard {path} is damaged: {error!r}") from error
+
+
+def run_images(args: argparse.Namespace, manifest: dict[str, Any]) -> int:
+    """`inspect` of an image shard directory."""
+    print("\n".join(image_summary_lines(manifest)))
+    if args.samples == 0:
+        return 0
+    print(f"\nfirst {args.samples} {args.split} images:")
+    shown = 0
+    for line in iter_image_samples(args.directory, manifest, args.split):
+        if shown == args.samples:
+            break
+        print(f"[{shown}] {line}")
+        shown += 1
+    if shown == 0:
+        print(f"  (split {args.split} holds no image)")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.samples < 0:
         raise UserError(f"--samples {args.samples}: must be at least 0")
     if not os.path.isdir(args.directory):
         raise UserError(f"{args.directory}: not a directory")
-    manifest = load_manifest(args.directory)
+    manifest = load_manifest(args.directory, expected_format=None)
+    if manifest["format"] == IMAGE_FORMAT_NAME:
+        return run_images(args, manifest)
     print("\n".join(summary_lines(manifest)))
     if args.samples == 0:
         return 0

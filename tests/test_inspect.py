@@ -60,3 +60,20 @@ def test_bad_directories_are_user_errors(tmp_path: Path, capsys: pytest.CaptureF
     (root / "train-000000.tar").unlink()
     assert main(["inspect", str(root)]) == 2
     assert "train-000000.tar listed in the manifest is missing" in capsys.readouterr().err
+
+
+def test_image_shards_show_classes_and_sizes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from image_fixtures import write_class_folders
+
+    counts = write_class_folders(tmp_path / "in", per_class=4)
+    beam = ["--", "--direct_running_mode=in_memory", "--direct_num_workers=1"]
+    argv = ["prepare", "images", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--size", "24"]
+    assert main(argv + beam) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "out"), "--samples", "50"]) == 0
+    out = capsys.readouterr().out
+    total = sum(counts.values())
+    assert f"images: read {total}, kept {total}, rejected: none" in out
+    shown = [line for line in out.splitlines() if re.match(r"\[\d+\] [0-9a-f]{32}: class \d \(\w+\), ", line)]
+    assert len(shown) == total
+    assert all("24x24" in line for line in shown)
