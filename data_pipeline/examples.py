@@ -12,7 +12,8 @@ import random
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from itertools import chain
+from itertools import accumulate, chain
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -76,10 +77,25 @@ def _trim(tokens: NDArray[np.integer], count: int, rng: random.Random) -> NDArra
     return tokens[front : len(tokens) - (count - front)]
 
 
+def _below(rng: random.Random, n: int) -> int:
+    """``rng.randrange(n)`` for ``n >= 1``, drawing the very same bits, without its argument checks.
+
+    CPython's ``randrange`` draws ``n.bit_length()`` random bits until the value falls below ``n``;
+    this is that loop alone, which example building calls a few times per example.
+    """
+    if n < 1:
+        raise ValueError(f"empty range: nothing below {n}")
+    bits = n.bit_length()
+    value = rng.getrandbits(bits)
+    while value >= n:
+        value = rng.getrandbits(bits)
+    return value
+
+
 def _target_length(max_tokens: int, short_seq_prob: float, rng: random.Random) -> int:
     # Short sequences now and then so that the model also sees lengths it meets at fine-tuning time.
     if rng.random() < short_seq_prob:
-        return rng.randrange(2, max_tokens + 1)
+        return 2 + _below(rng, max_tokens - 1)
     return max_tokens
 
 
@@ -89,12 +105,12 @@ def _random_segment(
     """Contiguous sentences of another document, from a random start, until ``target_length`` is met."""
     other = doc_index
     if len(documents) > 1:
-        other = rng.randrange(0, len(documents) - 1)
+        other = _below(rng, len(documents) - 1)
         other += other >= doc_index  # skip the document itself
     document = documents[other]
     parts: list[NDArray[np.integer]] = []
     length = 0
-    for sentence in document[rng.randrange(0, len(document)) :]:
+    for sentence in document[_below(rng, len(document)) :]:
         parts.append(sentence)
         length += len(sentence)
         if length >= target_length:
@@ -126,14 +142,14 @@ def nsp_examples(
         length += len(document[i])
         if i == last or length >= target:
             size = i + 1 - start
-            a_end = rng.randrange(1, size) if size >= 2 else 1
+            a_end = 1 + _below(rng, size - 1) if size >= 2 else 1
             tokens_a = _joined(document, start, start + a_end)
             random_next = rng.random() < 0.5 or (size == 1 and len(tokens_a) < 2)
             if random_next:
                 tokens_b = _random_segment(documents, doc_index, target - len(tokens_a), rng)
                 i -= size - a_end  # the unused sentences start the next chunk
             elif size == 1:
-                cut = rng.randrange(1, len(tokens_a))
+                cut = 1 + _below(rng, len(tokens_a) - 1)
                 tokens_a, tokens_b = tokens_a[:cut], tokens_a[cut:]
             else:
                 tokens_b = _joined(document, start + a_end, i + 1)
@@ -167,10 +183,10 @@ def sop_examples(
         if i < len(document) - 1 and length < target:
             continue
         if len(chunk) >= 2:
-            a_end = rng.randrange(1, len(chunk))
+            a_end = 1 + _below(rng, len(chunk) - 1)
             tokens_a, tokens_b = np.concatenate(chunk[:a_end]), np.concatenate(chunk[a_end:])
         elif length >= 2:
-            cut = rng.randrange(1, length)
+            cut = 1 + _below(rng, length - 1)
             tokens_a, tokens_b = chunk[0][:cut], chunk[0][cut:]
         else:
             chunk, length = [], 0
@@ -226,9 +242,21 @@ def cap_sentences(document: Document, max_tokens: int) -> Document:
 # ------------------------------------------------------------------------------------ bucket building
 
 
+_SORT_KEY_SUFFIX = struct.Struct("<QI")
+
+
 def example_sort_key(seed: int, doc_hash: bytes, example_index: int, dupe: int) -> int:
     """The 64-bit global-shuffle key of an example; also picks its shard (``key % num_shards``)."""
-    payload = struct.pack("<Q", seed % (1 << 64)) + doc_hash + struct.pack("<QI", example_index, dupe)
+    return _sort_key(_sort_key_prefix(seed, doc_hash), example_index, dupe)
+
+
+def _sort_key_prefix(seed: int, doc_hash: bytes) -> bytes:
+    # The part of the hashed payload shared by every example of a document.
+    return struct.pack("<Q", seed % (1 << 64)) + doc_hash
+
+
+def _sort_key(prefix: bytes, example_index: int, dupe: int) -> int:
+    payload = prefix + _SORT_KEY_SUFFIX.pack(example_index, dupe)
     return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little")
 
 
@@ -262,11 +290,35 @@ def build_bucket_examples(
         bucket: The bucket id within the split.
         dupe: Which of the ``dupe_factor`` passes this is (each has its own random stream).
     """
-    rng = bucket_rng(seed, split, bucket, dupe)
+    capped, hashes = capped_documents(documents, doc_hashes, options)
+    return build_pass_examples(capped, hashes, options, seed, split, bucket, dupe)
+
+
+def capped_documents(
+    documents: Sequence[Document], doc_hashes: Sequence[bytes], options: ExampleOptions
+) -> tuple[list[Document], list[bytes]]:
+    """Documents with their sentences capped (:func:`cap_sentences`), empty ones left out with their hash.
+
+    Done once per bucket and shared by all of its dupe passes (see :func:`build_pass_examples`).
+    """
     max_tokens = options.max_content_tokens
     capped = [cap_sentences(document, max_tokens) for document in documents]
     keep = [i for i, document in enumerate(capped) if document]
-    capped, hashes = [capped[i] for i in keep], [doc_hashes[i] for i in keep]
+    return [capped[i] for i in keep], [doc_hashes[i] for i in keep]
+
+
+def build_pass_examples(
+    capped: Sequence[Document],
+    hashes: Sequence[bytes],
+    options: ExampleOptions,
+    seed: int,
+    split: str,
+    bucket: int,
+    dupe: int,
+) -> list[tuple[int, Example]]:
+    """:func:`build_bucket_examples` for documents already passed through :func:`capped_documents`."""
+    rng = bucket_rng(seed, split, bucket, dupe)
+    max_tokens = options.max_content_tokens
     if options.objective == "none":
         order = list(range(len(capped)))
         rng.shuffle(order)  # a different packing per dupe pass
@@ -284,12 +336,13 @@ def build_bucket_examples(
             for i, document in enumerate(capped)
             for example in sop_examples(document, max_tokens, options.short_seq_prob, rng)
         ]
-    counters: dict[int, int] = {}
+    prefixes = [_sort_key_prefix(seed, doc_hash) for doc_hash in hashes]
+    counters = [0] * len(capped)
     keyed = []
     for origin, example in tagged:
-        index = counters.get(origin, 0)
+        index = counters[origin]
         counters[origin] = index + 1
-        keyed.append((example_sort_key(seed, hashes[origin], index, dupe), example))
+        keyed.append((_sort_key(prefixes[origin], index, dupe), example))
     return keyed
 
 
@@ -357,8 +410,9 @@ def unpack_document(blob: bytes) -> Document:
     itemsize, count = _DOC_HEADER.unpack_from(blob)
     lengths = np.frombuffer(blob, np.uint32, count, _DOC_HEADER.size)
     tokens = np.frombuffer(blob, np.dtype(f"<u{itemsize}"), offset=_DOC_HEADER.size + 4 * count)
-    ends = np.cumsum(lengths, dtype=np.int64).tolist()
-    # Plain slicing: np.split costs several times more for the ~30 sentences of a document.
+    # Python's accumulate beats np.cumsum's call overhead for the ~30 sentences of a document, and
+    # plain slicing beats np.split.
+    ends = list(accumulate(lengths.tolist()))
     return [tokens[start:end] for start, end in zip([0, *ends[:-1]], ends)]
 
 
@@ -410,6 +464,58 @@ def unpack_keyed_examples(blob: bytes) -> list[tuple[int, bytes]]:
     ends = (np.cumsum(sizes, dtype=np.int64) + 8 + 12 * count).tolist()
     starts = [8 + 12 * count, *ends[:-1]]
     return [(key, blob[start:end]) for key, start, end in zip(keys, starts, ends)]
+
+
+_EXAMPLE_HEADER_DTYPE = np.dtype([("itemsize", "u1"), ("len_a", "<u2"), ("len_b", "<u2"), ("label", "u1")])
+
+
+def sorted_example_blobs(batches: Iterable[bytes]) -> list[bytes]:
+    """The example blobs of many :func:`pack_keyed_examples` batches, in ascending sort-key order.
+
+    The same order as sorting the ``(key, blob)`` pairs: numpy sorts the keys, and only when two keys
+    are equal (a 64-bit collision) are the pairs sorted as tuples, so that ties still order by blob.
+    """
+    keys: list[NDArray[np.uint64]] = []
+    blobs: list[bytes] = []
+    for batch in batches:
+        (count,) = struct.unpack_from("<Q", batch)
+        keys.append(np.frombuffer(batch, np.uint64, count, 8))
+        sizes = np.frombuffer(batch, np.uint32, count, 8 + 8 * count)
+        ends = (np.cumsum(sizes, dtype=np.int64) + 8 + 12 * count).tolist()
+        starts = [8 + 12 * count, *ends[:-1]]
+        blobs.extend([batch[start:end] for start, end in zip(starts, ends)])
+    if not blobs:
+        return []
+    all_keys = np.concatenate(keys)
+    order = np.argsort(all_keys, kind="stable")
+    ordered_keys = all_keys[order]
+    if bool(np.any(ordered_keys[1:] == ordered_keys[:-1])):
+        return [blob for _, blob in sorted(zip(all_keys.tolist(), blobs))]
+    return [blobs[i] for i in order.tolist()]
+
+
+def encode_example_blobs(blobs: Sequence[bytes], dtype: np.dtype) -> tuple[NDArray[Any], NDArray[np.uint16]]:
+    """:func:`~data_pipeline.shard_format.encode_chunk` straight from :func:`pack_example` blobs.
+
+    A blob's tokens are A then B in the token dtype already, so the chunk's ``tokens`` array is the
+    blobs' token bytes joined, and its ``seqs`` rows are their headers: no :class:`Example` per example.
+
+    Raises:
+        ValueError: A blob was packed with another itemsize than ``dtype``'s.
+    """
+    size = _EXAMPLE_HEADER.size
+    headers = np.frombuffer(b"".join([blob[:size] for blob in blobs]), _EXAMPLE_HEADER_DTYPE)
+    if bool(np.any(headers["itemsize"] != dtype.itemsize)):
+        raise ValueError(
+            f"example blobs packed with itemsizes {sorted(set(headers['itemsize'].tolist()))}, "
+            f"expected {dtype.itemsize}"
+        )
+    seqs = np.empty((len(blobs), 3), dtype=np.uint16)
+    seqs[:, 0] = headers["len_a"]
+    seqs[:, 1] = headers["len_b"]
+    seqs[:, 2] = headers["label"]
+    tokens = np.frombuffer(b"".join([blob[size:] for blob in blobs]), dtype.newbyteorder("<"))
+    return tokens, seqs
 
 
 def select_representatives(

@@ -30,7 +30,7 @@ from data_pipeline.cleaning import check_length, document_hash, normalize_text
 from data_pipeline.manifest import build_manifest, document_counts, manifest_text
 from data_pipeline.readers import ReaderOptions, Reject, read_records
 from data_pipeline.sentences import split_sentences
-from data_pipeline.shard_format import MANIFEST_NAME, token_dtype, write_shard
+from data_pipeline.shard_format import DEFAULT_CHUNK_SEQUENCES, MANIFEST_NAME, token_dtype, write_chunks
 from data_pipeline.tokenizer import encode_sentences, load_processor
 
 REJECTS = "rejects"
@@ -307,13 +307,15 @@ class _BuildBucketFn(beam.DoFn):
         )
         documents = [ex.unpack_document(blob) for _, _, _, blob in kept]
         hashes = [doc_hash for doc_hash, _, _, _ in kept]
+        capped, capped_hashes = ex.capped_documents(documents, hashes, config.example)
+        dtype = config.token_dtype
         per_shard: dict[int, list[tuple[int, bytes]]] = {}
         for dupe in range(config.dupe_factor):
-            keyed = ex.build_bucket_examples(
-                documents, hashes, config.example, config.seed, split, bucket, dupe
+            keyed = ex.build_pass_examples(
+                capped, capped_hashes, config.example, config.seed, split, bucket, dupe
             )
             for sort_key, example in keyed:
-                item = (sort_key, ex.pack_example(example, config.token_dtype))
+                item = (sort_key, ex.pack_example(example, dtype))
                 per_shard.setdefault(sort_key % shards, []).append(item)
         for shard, items in sorted(per_shard.items()):
             yield ((split, shard), ex.pack_keyed_examples(items))
@@ -370,18 +372,19 @@ class _WriteShardFn(beam.DoFn):
 
     def process(self, element: tuple[tuple[str, int], Iterable[bytes]]) -> Iterator[Any]:
         (split, shard), batches = element
-        ordered = sorted(item for batch in batches for item in ex.unpack_keyed_examples(batch))
+        ordered = ex.sorted_example_blobs(batches)
+        dtype = self.config.token_dtype
+        # Chunks straight from the packed blobs: building an Example per sequence cost more than
+        # the whole tar write.
+        chunks = (
+            ex.encode_example_blobs(ordered[start : start + DEFAULT_CHUNK_SEQUENCES], dtype)
+            for start in range(0, len(ordered), DEFAULT_CHUNK_SEQUENCES)
+        )
         relative = f"{split}-{shard:06d}.tar"
         path = _stored_path(self.config.output, relative)
         temporary = f"{path}.tmp-{uuid.uuid4().hex}"
         with FileSystems.create(temporary, compression_type=CompressionTypes.UNCOMPRESSED) as sink:
-            stats = write_shard(
-                sink,
-                relative,
-                f"{split}-{shard:06d}",
-                (ex.unpack_example(blob) for _, blob in ordered),
-                self.config.vocab_size,
-            )
+            stats = write_chunks(sink, relative, f"{split}-{shard:06d}", chunks)
         FileSystems.rename([temporary], [path])
         yield (split, stats.to_json())
 

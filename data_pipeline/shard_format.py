@@ -178,29 +178,40 @@ def write_shard(
         chunk_sequences: Sequences per tar sample. Defaults to 4096.
     """
     dtype = token_dtype(vocab_size)
-    hashing = _HashingWriter(sink)
-    samples = tokens = 0
-    with tarfile.open(fileobj=hashing, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+
+    def chunks() -> Iterator[tuple[NDArray[Any], NDArray[np.uint16]]]:
         batch: list[Example] = []
-        chunk_index = 0
-
-        def flush() -> None:
-            nonlocal chunk_index, samples, tokens
-            token_array, seqs = encode_chunk(batch, dtype)
-            key = f"{key_prefix}-{chunk_index:06d}"
-            _add_member(tar, f"{key}.tokens.npy", _npy_bytes(token_array))
-            _add_member(tar, f"{key}.seqs.npy", _npy_bytes(seqs))
-            samples += len(batch)
-            tokens += len(token_array)
-            chunk_index += 1
-            batch.clear()
-
         for example in examples:
             batch.append(example)
             if len(batch) >= chunk_sequences:
-                flush()
+                yield encode_chunk(batch, dtype)
+                batch = []
         if batch:
-            flush()
+            yield encode_chunk(batch, dtype)
+
+    return write_chunks(sink, relative_path, key_prefix, chunks())
+
+
+def write_chunks(
+    sink: IO[bytes],
+    relative_path: str,
+    key_prefix: str,
+    chunks: Iterable[tuple[NDArray[Any], NDArray[np.uint16]]],
+) -> ShardStats:
+    """Write already encoded ``(tokens, seqs)`` chunks as one tar shard (see :func:`write_shard`).
+
+    The chunks must be what :func:`encode_chunk` gives: ``tokens`` in the vocabulary's token dtype
+    and ``seqs`` an ``(n, 3)`` ``uint16`` array with ``n >= 1``.
+    """
+    hashing = _HashingWriter(sink)
+    samples = tokens = 0
+    with tarfile.open(fileobj=hashing, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+        for chunk_index, (token_array, seqs) in enumerate(chunks):
+            key = f"{key_prefix}-{chunk_index:06d}"
+            _add_member(tar, f"{key}.tokens.npy", _npy_bytes(token_array))
+            _add_member(tar, f"{key}.seqs.npy", _npy_bytes(seqs))
+            samples += len(seqs)
+            tokens += len(token_array)
     return ShardStats(relative_path, samples, tokens, hashing.nbytes, hashing.sha256.hexdigest())
 
 
