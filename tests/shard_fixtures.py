@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,11 @@ def generate_text(seed: int, sentences: int = 600, sample: int = 0) -> list[str]
     return [" ".join(lexicon[r] for r in ranks[bounds[i] : bounds[i + 1]]) + "." for i in range(sentences)]
 
 
-@functools.lru_cache(maxsize=8)
-def train_tokenizer(vocab_size: int = 320, seed: int = 0) -> bytes:
-    """A real SentencePiece unigram model with the BERT specials at ids 0-4 (cached per process)."""
+def spm_model_bytes(sentences: Iterable[str], vocab_size: int) -> bytes:
+    """A real SentencePiece unigram model of ``sentences`` with the BERT specials at ids 0-4."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(generate_text(seed)),
+        sentence_iterator=iter(sentences),
         model_writer=model,
         vocab_size=vocab_size,
         model_type="unigram",
@@ -61,6 +61,12 @@ def train_tokenizer(vocab_size: int = 320, seed: int = 0) -> bytes:
         minloglevel=2,
     )
     return model.getvalue()
+
+
+@functools.lru_cache(maxsize=8)
+def train_tokenizer(vocab_size: int = 320, seed: int = 0) -> bytes:
+    """A real SentencePiece unigram model with the BERT specials at ids 0-4 (cached per process)."""
+    return spm_model_bytes(generate_text(seed), vocab_size)
 
 
 def _token_stream(processor: spm.SentencePieceProcessor, seed: int, objective: str) -> np.ndarray:

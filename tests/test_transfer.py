@@ -13,7 +13,6 @@ CPU), then fine-tuned from its run directory and from ``--model none`` with the 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import subprocess
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sentencepiece as spm
+from shard_fixtures import spm_model_bytes
 
 from data_pipeline.shard_format import (
     FORMAT_NAME,
@@ -97,26 +97,7 @@ def sentence(rng: np.random.Generator, words: list[str]) -> str:
 
 def train_tokenizer(corpus: list[str], out: Path) -> Path:
     """A real SentencePiece model with the BERT specials at ids 0-4; big enough for whole-word pieces."""
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus),
-        model_writer=model,
-        vocab_size=TOPICS * WORDS_PER_TOPIC + 60,
-        model_type="unigram",
-        pad_id=0,
-        unk_id=1,
-        bos_id=2,
-        eos_id=3,
-        pad_piece=SPECIAL_TOKENS[0],
-        unk_piece=SPECIAL_TOKENS[1],
-        bos_piece=SPECIAL_TOKENS[2],
-        eos_piece=SPECIAL_TOKENS[3],
-        control_symbols=[SPECIAL_TOKENS[4]],
-        hard_vocab_limit=False,
-        num_threads=1,
-        minloglevel=2,
-    )
-    out.write_bytes(model.getvalue())
+    out.write_bytes(spm_model_bytes(corpus, TOPICS * WORDS_PER_TOPIC + 60))
     return out
 
 

@@ -23,7 +23,8 @@ from training.finetune.data import IGNORE_INDEX, Encoded, TaskData, collate, loa
 from training.finetune.heads import TaskModel, apply_freeze, load_encoder
 from training.finetune.metrics import classification_scores, entity_scores, regression_scores
 from training.finetune.subsets import class_balanced_subset
-from training.models.bert import BertConfig, BertForPreTraining, bert_config
+from training.models.bert import BertConfig, BertForPreTraining
+from training.objectives.bert import bert_config_from_section
 
 if TYPE_CHECKING:
     from training.finetune.loop import FinetuneOptions
@@ -68,19 +69,8 @@ def resolve_source(model: str, tokenizer: str | None, config: FinetuneConfig) ->
             )
         spm_path = _tokenizer_file(tokenizer)
         section = config.model
-        model_config = bert_config(
-            section.size,
-            spm.SentencePieceProcessor(model_file=str(spm_path)).GetPieceSize(),
-            hidden_size=section.hidden_size,
-            num_hidden_layers=section.num_hidden_layers,
-            num_attention_heads=section.num_attention_heads,
-            intermediate_size=section.intermediate_size,
-            max_position_embeddings=max(512, max_len),
-            hidden_dropout_prob=section.dropout,
-            attention_probs_dropout_prob=section.dropout,
-            pre_layernorm=section.pre_layernorm,
-            next_sentence_head=False,
-        )
+        vocab_size = spm.SentencePieceProcessor(model_file=str(spm_path)).GetPieceSize()
+        model_config = bert_config_from_section(section, vocab_size, max_len, next_sentence_head=False)
         return ModelSource(model, model_config, None, spm_path)
     from training.export import load_encoder_weights
 

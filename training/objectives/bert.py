@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from training import engine as ds
-from training.config import Config
+from training.config import Config, ModelConfig
 from training.data import MaskingConfig, PretrainLoader, validation_batches
 from training.flops import bert_train_flops_per_sequence, mfu, peak_flops
 from training.models.bert import BertConfig, BertForPreTraining, bert_config
@@ -20,10 +20,10 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels", "next
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def model_config_for(config: Config, vocab_size: int, seq_len: int, objective: str) -> BertConfig:
-    """The BERT architecture from the ``model:`` section and the data manifest."""
-    section = config.model
-    head = section.next_sentence_head
+def bert_config_from_section(
+    section: ModelConfig, vocab_size: int, seq_len: int, next_sentence_head: bool
+) -> BertConfig:
+    """The BERT architecture of a ``model:`` config section, for a vocabulary and sequence length."""
     return bert_config(
         section.size,
         vocab_size,
@@ -36,8 +36,15 @@ def model_config_for(config: Config, vocab_size: int, seq_len: int, objective: s
         attention_probs_dropout_prob=section.dropout,
         pre_layernorm=section.pre_layernorm,
         activation_checkpointing=section.activation_checkpointing,
-        next_sentence_head=(objective != "none") if head == "auto" else bool(head),
+        next_sentence_head=next_sentence_head,
     )
+
+
+def model_config_for(config: Config, vocab_size: int, seq_len: int, objective: str) -> BertConfig:
+    """The BERT architecture from the ``model:`` section and the data manifest."""
+    head = config.model.next_sentence_head
+    next_sentence_head = (objective != "none") if head == "auto" else bool(head)
+    return bert_config_from_section(config.model, vocab_size, seq_len, next_sentence_head)
 
 
 def to_device(batch: dict[str, Any], device: torch.device, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
