@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import io
 import os
 import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,11 +46,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
 def setup_distributed() -> DistEnv:
     """Join the process group from RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* (defaults: a single process).
 
     NCCL on CUDA, gloo on CPU. Works the same under the DeepSpeed launcher, torchrun or no launcher.
     """
+    launched = "WORLD_SIZE" in os.environ
     for key, value in RANK_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", str(free_port()))
@@ -58,7 +66,15 @@ def setup_distributed() -> DistEnv:
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    if not dist.is_initialized():
+    if not launched and not dist.is_initialized():
+        # One process without a launcher: a file rendezvous needs no TCP port, so nothing can race
+        # for the port between picking it and binding it.
+        handle, store = tempfile.mkstemp(prefix="pretrain-rendezvous-")
+        os.close(handle)
+        os.unlink(store)  # the file store creates it afresh
+        atexit.register(_remove_quietly, store)
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
+    if not dist.is_initialized() or not deepspeed.comm.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
@@ -185,4 +201,3 @@ def convert_to_universal(tag_dir: Path, output_dir: Path) -> None:
     with contextlib.redirect_stdout(io.StringIO()):
         ds_to_universal.main(args)
     os.replace(partial, output_dir)
-
