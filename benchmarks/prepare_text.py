@@ -42,11 +42,9 @@ from typing import Any
 
 import psutil
 
+from data_pipeline.text.sentences import split_sentences
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from data_pipeline.sentences import split_sentences
-
 VOCAB_SIZE = 8000
 BLOCK_SIZE = 128
 

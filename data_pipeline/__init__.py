@@ -1,0 +1,1 @@
+"""Pre-processing: text and image corpora to shuffled WebDataset shards and a manifest (Apache Beam)."""

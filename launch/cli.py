@@ -54,12 +54,12 @@ def register(name: str, summary: str, module: str) -> None:
     COMMANDS[name] = Command(summary, module)
 
 
-register("tokenizer", "train a SentencePiece tokenizer with BERT specials", "data_pipeline.commands_tokenizer")
-register("prepare text", "Beam job: text corpora -> shuffled WebDataset shards", "data_pipeline.commands_prepare")
-register("prepare images", "Beam job: image folders/parquet -> shuffled WebDataset shards", "data_pipeline.commands_prepare_images")
-register("inspect", "print a shard directory's manifest and decoded examples", "data_pipeline.commands_inspect")
+register("tokenizer", "train a SentencePiece tokenizer with BERT specials", "data_pipeline.text.tokenizer_command")
+register("prepare text", "Beam job: text corpora -> shuffled WebDataset shards", "data_pipeline.text.command")
+register("prepare images", "Beam job: image folders/parquet -> shuffled WebDataset shards", "data_pipeline.images.command")
+register("inspect", "print a shard directory's manifest and decoded examples", "data_pipeline.inspect_command")
 register("train", "DeepSpeed pre-training on prepared shards", "training.commands")
-register("export", "consolidate a checkpoint into portable safetensors (native or HF)", "training.commands_export")
+register("export", "consolidate a checkpoint into portable safetensors (native or HF)", "training.export.command")
 register("finetune", "fine-tune a pre-trained (or random) encoder on a labelled task", "training.finetune.commands")
 register("demo", "run the whole pipeline on an embedded corpus", "launch.demo")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from data_pipeline.cleaning import DOCUMENT_HASH_BYTES, check_length, document_hash, normalize_text
-from data_pipeline.sentences import split_sentences
+from data_pipeline.text.cleaning import DOCUMENT_HASH_BYTES, check_length, document_hash, normalize_text
+from data_pipeline.text.sentences import split_sentences
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,9 @@ import random
 import numpy as np
 import pytest
 
-from data_pipeline import examples as ex
-from data_pipeline.shard_format import CLS_ID, MASK_ID, SEP_ID, Example, special_token_count
+from data_pipeline.formats.text import CLS_ID, MASK_ID, SENTENCE_TASKS, SEP_ID, Example, special_token_count
+from data_pipeline.text import codec
+from data_pipeline.text import examples as ex
 
 
 def make_documents(count: int, seed: int = 0, sentence_range: tuple[int, int] = (3, 20)) -> list[ex.Document]:
@@ -42,7 +43,7 @@ def framed(example: Example) -> list[int]:
     return tokens
 
 
-@pytest.mark.parametrize("objective", ex.OBJECTIVES)
+@pytest.mark.parametrize("objective", SENTENCE_TASKS)
 @pytest.mark.parametrize("seq_len", [8, 64, 128])
 def test_length_never_exceeds_seq_len_after_framing(objective: str, seq_len: int) -> None:
     keyed = build(objective, seq_len, docs=make_documents(60, sentence_range=(1, 300)))
@@ -57,7 +58,7 @@ def test_length_never_exceeds_seq_len_after_framing(objective: str, seq_len: int
             assert len(example.tokens_b) >= 1
 
 
-@pytest.mark.parametrize("objective", ex.OBJECTIVES)
+@pytest.mark.parametrize("objective", SENTENCE_TASKS)
 def test_special_tokens_only_from_framing(objective: str) -> None:
     for _, example in build(objective):
         tokens = framed(example)
@@ -165,18 +166,18 @@ def test_split_bucket_and_shard_helpers() -> None:
 
 def test_codecs_round_trip() -> None:
     sentences = [[5, 6, 7], [], [70000, 8]]
-    document = ex.unpack_document(ex.pack_document(sentences, np.dtype(np.uint32)))
+    document = codec.unpack_document(codec.pack_document(sentences, np.dtype(np.uint32)))
     assert [s.tolist() for s in document] == sentences
-    assert ex.unpack_document(ex.pack_document([], np.dtype(np.uint16))) == []
+    assert codec.unpack_document(codec.pack_document([], np.dtype(np.uint16))) == []
     example = Example(np.array([5, 6]), np.array([7]), 1)
-    blob = ex.pack_example(example, np.dtype(np.uint16))
-    back = ex.unpack_example(blob)
+    blob = codec.pack_example(example, np.dtype(np.uint16))
+    back = codec.unpack_example(blob)
     assert (back.tokens_a.tolist(), back.tokens_b.tolist(), back.label) == ([5, 6], [7], 1)
-    assert ex.example_token_count(blob) == 3
-    assert ex.document_token_count(ex.pack_document(sentences, np.dtype(np.uint32))) == 5
+    assert codec.example_token_count(blob) == 3
+    assert codec.document_token_count(codec.pack_document(sentences, np.dtype(np.uint32))) == 5
     items = [(2**64 - 1, blob), (7, b""), (0, b"xyz")]
-    assert ex.unpack_keyed_examples(ex.pack_keyed_examples(items)) == items
-    assert ex.unpack_keyed_examples(ex.pack_keyed_examples([])) == []
+    assert codec.unpack_keyed_examples(codec.pack_keyed_examples(items)) == items
+    assert codec.unpack_keyed_examples(codec.pack_keyed_examples([])) == []
 
 
 def test_select_representatives_keeps_smallest_source_index() -> None:
@@ -196,11 +197,11 @@ def random_blob_examples(count: int, seed: int) -> list[Example]:
 
 
 def test_chunk_arrays_from_blobs_equal_encode_chunk() -> None:
-    from data_pipeline.shard_format import encode_chunk
+    from data_pipeline.formats.text import encode_chunk
 
     dtype = np.dtype(np.uint16)
     examples = random_blob_examples(300, seed=5)
-    tokens, seqs = ex.encode_example_blobs([ex.pack_example(e, dtype) for e in examples], dtype)
+    tokens, seqs = codec.encode_example_blobs([codec.pack_example(e, dtype) for e in examples], dtype)
     expected_tokens, expected_seqs = encode_chunk(examples, dtype)
     assert np.array_equal(tokens, expected_tokens) and tokens.dtype == expected_tokens.dtype
     assert np.array_equal(seqs, expected_seqs)
@@ -209,8 +210,8 @@ def test_chunk_arrays_from_blobs_equal_encode_chunk() -> None:
 def test_blobs_of_many_batches_come_out_in_key_order_ties_by_blob() -> None:
     dtype = np.dtype(np.uint16)
     rng = random.Random(3)
-    blobs = [ex.pack_example(e, dtype) for e in random_blob_examples(200, seed=6)]
+    blobs = [codec.pack_example(e, dtype) for e in random_blob_examples(200, seed=6)]
     # Small keys force collisions, so the tie rule (order by blob) is exercised too.
     pairs = [(rng.randrange(50), blob) for blob in blobs]
-    batches = [ex.pack_keyed_examples(pairs[i : i + 37]) for i in range(0, len(pairs), 37)]
-    assert ex.sorted_example_blobs(batches) == [blob for _, blob in sorted(pairs)]
+    batches = [codec.pack_keyed_examples(pairs[i : i + 37]) for i in range(0, len(pairs), 37)]
+    assert codec.sorted_example_blobs(batches) == [blob for _, blob in sorted(pairs)]

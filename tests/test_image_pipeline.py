@@ -24,8 +24,12 @@ from image_fixtures import (
 )
 from PIL import Image
 
-from data_pipeline import images as im
-from data_pipeline.shard_format import IMAGE_FORMAT_NAME, ManifestError, file_sha256, load_manifest
+from data_pipeline.formats.images import sample_key, write_image_shard
+from data_pipeline.formats.location import file_sha256
+from data_pipeline.formats.manifest import IMAGE_FORMAT_NAME, ManifestError, read_manifest
+from data_pipeline.images import decode as im
+from data_pipeline.images import sources
+from data_pipeline.rejects import Reject
 from launch.cli import main
 
 SIZE = 32
@@ -64,7 +68,7 @@ def test_odd_images_become_rgb_jpegs(name: str) -> None:
 def test_bad_images_are_rejected_by_reason(name: str) -> None:
     data, reason = bad_images()[name]
     result = im.process_image(data, OPTIONS)
-    assert isinstance(result, im.Rejection) and result.reason == reason
+    assert isinstance(result, im.DecodeFailure) and result.reason == reason
     assert result.detail
 
 
@@ -100,14 +104,14 @@ def test_large_jpeg_is_drafted_and_still_at_target_size() -> None:
 
 
 def test_classes_layout_and_labels() -> None:
-    assert im.class_list(["10", "2", "b", "a", "2"]) == ["2", "10", "a", "b"]
-    relative = im.relative_paths("/d/", ["/d/cat/1.jpg", "/d/dog/x/2.jpg"])
+    assert sources.class_list(["10", "2", "b", "a", "2"]) == ["2", "10", "a", "b"]
+    relative = sources.relative_paths("/d/", ["/d/cat/1.jpg", "/d/dog/x/2.jpg"])
     assert relative == ["cat/1.jpg", "dog/x/2.jpg"]
-    assert im.folder_layout(relative) == "classes"
-    assert im.folder_labels(relative, "classes") == ["cat", "dog"]
-    assert im.folder_layout(["cat/1.jpg", "2.jpg"]) == "flat"
-    assert im.folder_labels(["2.jpg"], "flat") == [None]
-    assert im.label_name(3) == "3" and im.label_name(b"cat") == "cat"
+    assert sources.folder_layout(relative) == "classes"
+    assert sources.folder_labels(relative, "classes") == ["cat", "dog"]
+    assert sources.folder_layout(["cat/1.jpg", "2.jpg"]) == "flat"
+    assert sources.folder_labels(["2.jpg"], "flat") == [None]
+    assert sources.label_name(3) == "3" and sources.label_name(b"cat") == "cat"
 
 
 def test_placement_depends_on_bytes_and_seed_only() -> None:
@@ -116,7 +120,7 @@ def test_placement_depends_on_bytes_and_seed_only() -> None:
     assert im.place_image(digest, 1, 0.5) == (split, key)
     assert im.place_image(digest, 2, 0.5)[0] == split and im.place_image(digest, 2, 0.5)[1] != key
     assert im.place_image(digest, 1, 0.0)[0] == "train"
-    assert im.sample_key(digest) == digest.hex() and "." not in im.sample_key(digest)
+    assert sample_key(digest) == digest.hex() and "." not in sample_key(digest)
 
 
 def test_keep_first_copies_keeps_the_smallest_source() -> None:
@@ -139,7 +143,7 @@ def test_image_shard_is_webdataset_with_fixed_bytes(tmp_path: Path) -> None:
         digest = im.content_digest(jpeg)
         records.append(im.KeptImage(index, digest, f"s{index}", -1, index if index < 2 else -1, jpeg))
     buffers = [io.BytesIO(), io.BytesIO()]
-    stats = [im.write_image_shard(buffer, "train-000000.tar", records) for buffer in buffers]
+    stats = [write_image_shard(buffer, "train-000000.tar", records) for buffer in buffers]
     assert buffers[0].getvalue() == buffers[1].getvalue() and stats[0] == stats[1]
     (tmp_path / "train-000000.tar").write_bytes(buffers[0].getvalue())
     assert stats[0]["sha256"] == file_sha256(str(tmp_path / "train-000000.tar"))
@@ -152,15 +156,15 @@ def test_image_shard_is_webdataset_with_fixed_bytes(tmp_path: Path) -> None:
 def test_parquet_rows_and_struct_cells(tmp_path: Path) -> None:
     write_image_parquet(tmp_path / "a.parquet", count=5)
     with open(tmp_path / "a.parquet", "rb") as handle:
-        records = list(im.iter_parquet_images("a.parquet", handle, "image", "label"))
-    reasons = [r.reason if isinstance(r, im.ImageRecordReject) else None for r in records]
+        records = list(sources.iter_parquet_images("a.parquet", handle, "image", "label"))
+    reasons = [r.reason if isinstance(r, Reject) else None for r in records]
     assert reasons == ["missing_image", None, None, None, None]
     assert [r.offset for r in records] == [0, 1, 2, 3, 4]
     assert [r.label for r in records[1:]] == ["1", "2", "0", "1"]
     with open(tmp_path / "a.parquet", "rb") as handle:
-        missing = list(im.iter_parquet_images("a.parquet", handle, "pixels", None))
+        missing = list(sources.iter_parquet_images("a.parquet", handle, "pixels", None))
     assert [r.reason for r in missing] == ["missing_column"]
-    corrupt = list(im.iter_parquet_images("x.parquet", io.BytesIO(b"PAR1 garbage"), "image", None))
+    corrupt = list(sources.iter_parquet_images("x.parquet", io.BytesIO(b"PAR1 garbage"), "image", None))
     assert [r.reason for r in corrupt] == ["corrupt_file"]
 
 
@@ -181,7 +185,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
 
 def test_manifest_fields_and_sums(prepared: dict[str, object]) -> None:
     out = prepared["out"]
-    manifest = load_manifest(str(out), IMAGE_FORMAT_NAME)
+    manifest = read_manifest(str(out), IMAGE_FORMAT_NAME)
     assert manifest["format"] == IMAGE_FORMAT_NAME and manifest["layout"] == "classes"
     assert manifest["classes"] == list(SHAPES) and manifest["image_size"] == SIZE
     counts = manifest["images"]
@@ -217,7 +221,7 @@ def test_shards_decode_with_webdataset_and_labels_match_folders(prepared: dict[s
     for path in sorted(folders.glob("*/*")):
         label_of.setdefault(hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest(), path.parent.name)
     samples = read_samples(prepared["out"])
-    assert len(samples) == load_manifest(str(prepared["out"]), None)["images"]["kept"]
+    assert len(samples) == read_manifest(str(prepared["out"]), None)["images"]["kept"]
     assert len({s["__key__"] for s in samples}) == len(samples)
     for sample in samples:
         image = sample["jpg"]
@@ -240,14 +244,14 @@ def test_parquet_and_flat_inputs(tmp_path: Path) -> None:
     write_image_parquet(tmp_path / "pq" / "b.parquet", seed=3, struct_cells=False)
     (tmp_path / "pq" / "c.parquet").write_bytes(b"PAR1 not really parquet")
     assert prepare([tmp_path / "pq" / "*.parquet"], tmp_path / "out", *IN_MEMORY) == 0
-    manifest = load_manifest(str(tmp_path / "out"), IMAGE_FORMAT_NAME)
+    manifest = read_manifest(str(tmp_path / "out"), IMAGE_FORMAT_NAME)
     assert manifest["classes"] == ["0", "1", "2"] and manifest["layout"] == "parquet"
     assert manifest["images"]["rejected"] == {"missing_image": 2, "not_an_image": 2, "corrupt_file": 1}
     assert manifest["images"]["kept"] == 14
     assert {s["cls"] for s in read_samples(tmp_path / "out")} == {0, 1, 2}
     write_flat_folder(tmp_path / "flat", count=5)
     assert prepare([tmp_path / "flat"], tmp_path / "out", *IN_MEMORY) == 0
-    manifest = load_manifest(str(tmp_path / "out"), None)
+    manifest = read_manifest(str(tmp_path / "out"), None)
     assert manifest["classes"] == [] and manifest["layout"] == "flat" and manifest["images"]["kept"] == 5
     samples = read_samples(tmp_path / "out")
     assert len(samples) == 5 and all("cls" not in s for s in samples)
@@ -284,5 +288,5 @@ def test_nothing_kept_and_strict(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_load_manifest_checks_the_expected_format(prepared: dict[str, object]) -> None:
     out = str(prepared["out"])
     with pytest.raises(ManifestError, match="format 'pretrain-images-v1', expected 'pretrain-chunked-v1'"):
-        load_manifest(out)
-    assert load_manifest(out, None)["format"] == IMAGE_FORMAT_NAME
+        read_manifest(out)
+    assert read_manifest(out, None)["format"] == IMAGE_FORMAT_NAME

@@ -16,22 +16,17 @@ import webdataset as wds
 from apache_beam.testing.util import assert_that, equal_to
 from fixtures_text import WORDS
 
-from data_pipeline import pipeline
-from data_pipeline.commands_prepare import beam_arguments, recorded_options
+from data_pipeline import beam_common
+from data_pipeline.command_common import beam_arguments, recorded_options
 from data_pipeline.errors import UserError
-from data_pipeline.examples import SPLITS
+from data_pipeline.formats.location import file_sha256
+from data_pipeline.formats.manifest import FORMAT_NAME, SPLITS, read_manifest
+from data_pipeline.formats.text import SEP_ID, chunk_from_sample, read_shard, special_token_count
 from data_pipeline.inputs import expand_inputs
-from data_pipeline.readers import ReaderOptions
-from data_pipeline.shard_format import (
-    FORMAT_NAME,
-    SEP_ID,
-    chunk_from_sample,
-    file_sha256,
-    load_manifest,
-    read_shard,
-    special_token_count,
-)
-from data_pipeline.tokenizer import load_processor, special_ids, train_sentencepiece, trainer_options
+from data_pipeline.rejects import reject_lines
+from data_pipeline.text import pipeline
+from data_pipeline.text.readers import ReaderOptions
+from data_pipeline.text.tokenizer import load_processor, special_ids, train_sentencepiece, trainer_options
 from launch.cli import main
 
 SEQ_LEN = 64
@@ -96,7 +91,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
 
 def test_manifest_fields_and_sums(prepared: dict[str, object]) -> None:
     out = prepared["out"]
-    manifest = load_manifest(str(out))
+    manifest = read_manifest(str(out))
     assert manifest["format"] == FORMAT_NAME
     assert (manifest["seq_len"], manifest["objective"], manifest["seed"]) == (SEQ_LEN, "nsp", 12345)
     documents = manifest["documents"]
@@ -144,7 +139,7 @@ def test_rejects_written_per_reason(prepared: dict[str, object]) -> None:
 
 def test_every_shard_reads_with_webdataset(prepared: dict[str, object]) -> None:
     out = prepared["out"]
-    manifest = load_manifest(str(out))
+    manifest = read_manifest(str(out))
     labels = []
     for split in SPLITS:
         for shard in manifest["splits"][split]["shards"]:
@@ -242,13 +237,13 @@ def test_read_and_clean_composites(tmp_path: Path) -> None:
     )
     path = str(tmp_path / "a.jsonl")
     config = pipeline.JobConfig(str(tmp_path), b"", 320, ReaderOptions(), 10, None, 1, 0, 0.0, 1.0)
-    with pipeline.make_pipeline(["--direct_running_mode=in_memory"])[0] as p:
+    with beam_common.make_pipeline(["--direct_running_mode=in_memory"])[0] as p:
         read = p | pipeline.ReadDocuments([path], ReaderOptions())
         assert_that(read.documents, equal_to([(path, 0, good), (path, 1, "tiny")]), label="documents")
-        assert_that(read[pipeline.REJECTS], equal_to([("malformed_json", path, 2, "{x")]), label="rejects")
-        assert_that(read[pipeline.COUNT], equal_to([3]), label="count")
+        assert_that(read[beam_common.REJECTS], equal_to([("malformed_json", path, 2, "{x")]), label="rejects")
+        assert_that(read[beam_common.COUNT], equal_to([3]), label="count")
         cleaned = read.documents | pipeline.CleanDocuments(config.min_doc_chars)
-        assert_that(cleaned[pipeline.REJECTS], equal_to([("too_short", path, 1, "tiny")]), label="short")
+        assert_that(cleaned[beam_common.REJECTS], equal_to([("too_short", path, 1, "tiny")]), label="short")
         assert_that(cleaned.clean | beam.Map(lambda r: r[3]), equal_to([good.strip()]), label="clean")
 
 
@@ -259,7 +254,7 @@ def test_other_objectives_end_to_end(
     corpus = prepared["root"] / "corpus"
     extra = ["--objective", objective, "--seq-len", str(seq_len)]  # the later --seq-len wins
     assert prepare(corpus, prepared["model"], tmp_path, *extra, *IN_MEMORY) == 0
-    manifest = load_manifest(str(tmp_path))
+    manifest = read_manifest(str(tmp_path))
     assert manifest["objective"] == objective
     labels, separators = [], 0
     for shard in manifest["splits"]["train"]["shards"]:
@@ -278,7 +273,7 @@ def test_other_objectives_end_to_end(
 
 
 def test_reject_lines_are_sorted_json() -> None:
-    lines = pipeline.reject_lines([("b", 2, "x"), ("a", None, "y"), ("a", 3, "z")])
+    lines = reject_lines([("b", 2, "x"), ("a", None, "y"), ("a", 3, "z")])
     assert [json.loads(line)["source"] for line in lines] == ["a", "a", "b"]
     assert json.loads(lines[0]) == {"source": "a", "offset": None, "payload": "y"}
 

@@ -18,16 +18,9 @@ import zstandard
 from fixtures_text import EXPECTED_WIKI_RECORDS, WIKI_DUMP, multistream_parts, wiki_page
 
 from data_pipeline.errors import UserError
-from data_pipeline.readers import (
-    MAX_DOC_BYTES,
-    PREVIEW_BYTES,
-    Document,
-    ReaderOptions,
-    Reject,
-    compression_of,
-    detect_format,
-    read_records,
-)
+from data_pipeline.rejects import Reject
+from data_pipeline.text.readers import Document, ReaderOptions, compression_of, detect_format, read_records
+from data_pipeline.text.streams import MAX_DOC_BYTES, PREVIEW_BYTES
 
 COMPRESSORS = {
     "": lambda data: data,

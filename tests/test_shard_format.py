@@ -11,13 +11,11 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from data_pipeline.shard_format import (
-    FORMAT_NAME,
+from data_pipeline.formats.manifest import FORMAT_NAME, ManifestError, read_manifest
+from data_pipeline.formats.text import (
     Example,
-    ManifestError,
     chunk_from_sample,
     iter_chunks,
-    load_manifest,
     read_shard,
     token_dtype,
     write_shard,
@@ -97,10 +95,10 @@ def test_truncated_shard_is_an_error(tmp_path: Path) -> None:
 
 def test_manifest_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="no manifest at .*manifest.json"):
-        load_manifest(str(tmp_path))
+        read_manifest(str(tmp_path))
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ManifestError, match="not valid JSON"):
-        load_manifest(str(tmp_path))
+        read_manifest(str(tmp_path))
     (tmp_path / "manifest.json").write_text(json.dumps({"format": FORMAT_NAME}))
     with pytest.raises(ManifestError, match="lacks keys"):
-        load_manifest(str(tmp_path))
+        read_manifest(str(tmp_path))

@@ -18,11 +18,17 @@ import pytest
 from apache_beam.testing.util import assert_that, equal_to
 from fixtures_text import WORDS
 
-from data_pipeline import examples as ex
-from data_pipeline import pipeline
-from data_pipeline.cleaning import normalize_text
-from data_pipeline.sentences import ABBREVIATIONS, CAPITALISED_ABBREVIATIONS, split_sentences
-from data_pipeline.tokenizer import encode_sentences, load_processor, train_sentencepiece, trainer_options
+from data_pipeline import beam_common
+from data_pipeline.text import codec, pipeline
+from data_pipeline.text.cleaning import normalize_text
+from data_pipeline.text.documents import tokenize_texts
+from data_pipeline.text.sentences import ABBREVIATIONS, CAPITALISED_ABBREVIATIONS, split_sentences
+from data_pipeline.text.tokenizer import (
+    encode_sentences,
+    load_processor,
+    train_sentencepiece,
+    trainer_options,
+)
 
 # ------------------------------------------------------------------------------ reference splitter
 
@@ -157,17 +163,17 @@ def model_proto(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 
 
 def one_by_one(processor: object, text: str, dtype: np.dtype) -> bytes:
-    return ex.pack_document(encode_sentences(processor, split_sentences(text)), dtype)
+    return codec.pack_document(encode_sentences(processor, split_sentences(text)), dtype)
 
 
 def test_tokenize_texts_equals_one_document_at_a_time(model_proto: bytes) -> None:
     processor = load_processor(model_proto=model_proto)
     dtype = np.dtype(np.uint16)
     texts = [*documents(20), "", "\n\n", "One.\n\nTwo. Three"]
-    blobs = pipeline.tokenize_texts(processor, texts, dtype)
+    blobs = tokenize_texts(processor, texts, dtype)
     assert blobs == [one_by_one(processor, text, dtype) for text in texts]
-    assert pipeline.tokenize_texts(processor, [], dtype) == []
-    assert ex.unpack_document(blobs[20]) == []
+    assert tokenize_texts(processor, [], dtype) == []
+    assert codec.unpack_document(blobs[20]) == []
 
 
 def test_tokenize_documents_batches_within_and_across_bundles(model_proto: bytes) -> None:
@@ -176,6 +182,6 @@ def test_tokenize_documents_batches_within_and_across_bundles(model_proto: bytes
     count = 2 * pipeline.TOKENIZE_BATCH + 5  # two full batches, and a partial one at bundle end
     records = [(i.to_bytes(16, "big"), "src", i, text) for i, text in enumerate(documents(count, seed=2))]
     expected = [(h, s, i, one_by_one(processor, text, dtype)) for h, s, i, text in records]
-    with pipeline.make_pipeline(["--direct_running_mode=in_memory"])[0] as p:
+    with beam_common.make_pipeline(["--direct_running_mode=in_memory"])[0] as p:
         tokens = p | beam.Create(records) | pipeline.TokenizeDocuments(model_proto, dtype)
         assert_that(tokens, equal_to(expected))

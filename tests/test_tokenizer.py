@@ -10,9 +10,9 @@ import pytest
 import sentencepiece as spm
 from fixtures_text import MORE_WORDS, WORDS
 
-from data_pipeline import tokenizer as tk
 from data_pipeline.errors import UserError
-from data_pipeline.shard_format import MASK_ID, SPECIAL_TOKENS
+from data_pipeline.formats.text import MASK_ID, SPECIAL_TOKENS
+from data_pipeline.text import tokenizer as tk
 from launch.cli import main
 
 WORDS = [*WORDS, *MORE_WORDS]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from fixtures_text import LYON_CLEAN, LYON_WIKITEXT, PARIS_CLEAN, PARIS_WIKITEXT
 
-from data_pipeline.wikitext import clean_wikitext
+from data_pipeline.text.wikitext import clean_wikitext
 
 
 @pytest.mark.parametrize(

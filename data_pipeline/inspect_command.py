@@ -17,14 +17,16 @@ from typing import Any
 import numpy as np
 
 from data_pipeline.errors import UserError
-from data_pipeline.examples import SPLITS
-from data_pipeline.shard_format import IMAGE_FORMAT_NAME, SEP_ID, Example, iter_chunks, load_manifest
-from data_pipeline.tokenizer import load_processor
+from data_pipeline.formats.images import IMAGE_SUFFIX, LABEL_SUFFIX, iter_tar_samples
+from data_pipeline.formats.manifest import IMAGE_FORMAT_NAME, SPLITS, read_manifest
+from data_pipeline.formats.text import SEP_ID, Example, iter_chunks
+from data_pipeline.text.tokenizer import load_processor
 
 LABEL_NAMES = {"nsp": ("next", "random"), "sop": ("in order", "swapped"), "none": ("-", "-")}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `pretrain inspect`."""
     parser.add_argument(
         "directory", metavar="DIR", help="a directory written by `pretrain prepare text` or `prepare images`"
     )
@@ -107,22 +109,6 @@ def image_summary_lines(manifest: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {suffix: bytes}) per WebDataset sample of a tar, streamed in file order."""
-    key, members = None, {}
-    with tarfile.open(path, "r|") as tar:
-        for member in tar:
-            member_key, _, suffix = member.name.partition(".")
-            if key is not None and member_key != key:
-                yield key, members
-                members = {}
-            key = member_key
-            handle = tar.extractfile(member)
-            members[suffix] = handle.read() if handle else b""
-    if key is not None:
-        yield key, members
-
-
 def iter_image_samples(directory: str, manifest: dict[str, Any], split: str) -> Iterator[str]:
     """One line per image sample of ``split``: key, class, pixel size and JPEG bytes."""
     from PIL import Image
@@ -131,11 +117,12 @@ def iter_image_samples(directory: str, manifest: dict[str, Any], split: str) -> 
     for shard in manifest["splits"][split]["shards"]:
         path = os.path.join(directory, shard["path"])
         try:
-            for key, members in _tar_samples(path):
-                width, height = Image.open(io.BytesIO(members["jpg"])).size
-                label = int(members["cls"]) if "cls" in members else None
+            for key, members in iter_tar_samples(path):
+                jpeg = members[IMAGE_SUFFIX]
+                width, height = Image.open(io.BytesIO(jpeg)).size
+                label = int(members[LABEL_SUFFIX]) if LABEL_SUFFIX in members else None
                 name = "unlabelled" if label is None else f"class {label} ({classes[label]})"
-                yield f"{key}: {name}, {width}x{height}, {len(members['jpg']):,} bytes"
+                yield f"{key}: {name}, {width}x{height}, {len(jpeg):,} bytes"
         except FileNotFoundError as error:
             raise UserError(f"shard {path} listed in the manifest is missing") from error
         except (KeyError, ValueError, OSError, IndexError, tarfile.TarError) as error:
@@ -160,11 +147,12 @@ def run_images(args: argparse.Namespace, manifest: dict[str, Any]) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run `pretrain inspect`; the exit status."""
     if args.samples < 0:
         raise UserError(f"--samples {args.samples}: must be at least 0")
     if not os.path.isdir(args.directory):
         raise UserError(f"{args.directory}: not a directory")
-    manifest = load_manifest(args.directory, expected_format=None)
+    manifest = read_manifest(args.directory, expected_format=None)
     if manifest["format"] == IMAGE_FORMAT_NAME:
         return run_images(args, manifest)
     print("\n".join(summary_lines(manifest)))

@@ -1,4 +1,4 @@
-"""The `prepare images` Beam job: one composite per stage, thin DoFns over the functions of ``images``.
+"""The `prepare images` Beam job: one composite per stage, thin DoFns over ``decode`` and ``sources``.
 
 read -> decode + validate + resize + re-encode -> (split, shard) -> de-dup + sort -> shards
                                                                    rejects/<reason>.jsonl
@@ -8,8 +8,6 @@ read -> decode + validate + resize + re-encode -> (split, shard) -> de-dup + sor
 from __future__ import annotations
 
 import io
-import sys
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,38 +15,25 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 from apache_beam.pvalue import AsDict, TaggedOutput
 
-from data_pipeline import images as im
-from data_pipeline.examples import shard_count
-from data_pipeline.pipeline import (
+from data_pipeline.beam_common import (
     COUNT,
-    PROGRESS_SECONDS,
     REJECTS,
+    ProgressReporter,
     WriteManifest,
     WriteRejects,
-    _stored_path,
     make_pipeline,
+    stored_path,
+    tag_reject,
     write_atomically,
 )
-
-
-@dataclass(frozen=True)
-class ImageSource:
-    """One item of work: an image file (with its class name, if any) or a whole parquet file."""
-
-    path: str
-    label: str | None = None
-    parquet: bool = False
-
-
-@dataclass(frozen=True)
-class ParquetColumns:
-    """Which parquet columns hold the image bytes and the label (None: unlabelled)."""
-
-    image: str = "image"
-    label: str | None = None
+from data_pipeline.formats.images import sample_tar_bytes, write_image_shard
+from data_pipeline.formats.manifest import build_image_manifest
+from data_pipeline.images import decode as im
+from data_pipeline.images.sources import ImageSource, ParquetColumns, RawImage, iter_parquet_images
+from data_pipeline.rejects import Reject
+from data_pipeline.text.examples import shard_count
 
 
 @dataclass(frozen=True)
@@ -64,11 +49,6 @@ class ImageJobConfig:
     shard_mb: float
 
 
-def _reject(record: im.ImageRecordReject) -> TaggedOutput:
-    Metrics.counter("rejects", record.reason).inc()
-    return TaggedOutput(REJECTS, (record.reason, record.source, record.offset, record.detail))
-
-
 # ----------------------------------------------------------------------------------------------- read
 
 
@@ -76,18 +56,18 @@ def _open(path: str) -> Any:
     return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
 
 
-def read_source(source: ImageSource, columns: ParquetColumns) -> Iterator[im.RawImage | im.ImageRecordReject]:
+def read_source(source: ImageSource, columns: ParquetColumns) -> Iterator[RawImage | Reject]:
     """The raw images of one source; a file that cannot be read is one ``unreadable_file`` record."""
     try:
         with _open(source.path) as handle:
             if not source.parquet:
-                yield im.RawImage(source.path, None, source.label, handle.read())
+                yield RawImage(source.path, None, source.label, handle.read())
                 return
             # pyarrow needs to seek; a stream that cannot is read into memory first.
             seekable = handle if getattr(handle, "seekable", lambda: False)() else io.BytesIO(handle.read())
-            yield from im.iter_parquet_images(source.path, seekable, columns.image, columns.label)
+            yield from iter_parquet_images(source.path, seekable, columns.image, columns.label)
     except OSError as error:
-        yield im.ImageRecordReject("unreadable_file", source.path, None, f"{type(error).__name__}: {error}")
+        yield Reject("unreadable_file", source.path, None, f"{type(error).__name__}: {error}")
 
 
 class _ReadImagesFn(beam.DoFn):
@@ -98,7 +78,7 @@ class _ReadImagesFn(beam.DoFn):
         records = 0
         for record in read_source(source, self.columns):
             records += 1
-            yield _reject(record) if isinstance(record, im.ImageRecordReject) else record
+            yield tag_reject(record) if isinstance(record, Reject) else record
         yield TaggedOutput(COUNT, records)
 
 
@@ -130,18 +110,18 @@ class _DecodeFn(beam.DoFn):
         self.config = config
         self.class_index: dict[str, int] = {}
         self.decoded = 0
-        self.last_report = 0.0
+        self.progress: ProgressReporter | None = None
 
     def setup(self) -> None:
         self.class_index = {name: index for index, name in enumerate(self.config.classes)}
-        self.last_report = time.monotonic()
+        self.progress = ProgressReporter("decode")
 
-    def process(self, raw: im.RawImage) -> Iterator[Any]:
+    def process(self, raw: RawImage) -> Iterator[Any]:
         config = self.config
         self._report()
         encoded = im.process_image(raw.data, config.options)
-        if isinstance(encoded, im.Rejection):
-            yield _reject(im.ImageRecordReject(encoded.reason, raw.source, raw.offset, encoded.detail))
+        if isinstance(encoded, im.DecodeFailure):
+            yield tag_reject(Reject(encoded.reason, raw.source, raw.offset, encoded.detail))
             return
         digest = im.content_digest(raw.data)
         split, sort_key = im.place_image(digest, config.seed, config.val_fraction)
@@ -151,12 +131,9 @@ class _DecodeFn(beam.DoFn):
         yield split, im.KeptImage(sort_key, digest, raw.source, offset, label, encoded)
 
     def _report(self) -> None:
-        # A line every PROGRESS_SECONDS per worker at most: never per element.
         self.decoded += 1
-        now = time.monotonic()
-        if now - self.last_report >= PROGRESS_SECONDS:
-            self.last_report = now
-            print(f"[decode] this worker: {self.decoded:,} images", file=sys.stderr)
+        if self.progress is not None:
+            self.progress.tick(lambda: f"{self.decoded:,} images")
 
 
 class DecodeImages(beam.PTransform):
@@ -185,11 +162,11 @@ class _WriteImageShardFn(beam.DoFn):
         for duplicate, original in duplicates:
             detail = f"same bytes as {im.where(original.source, original.offset)}"
             offset = None if duplicate.offset < 0 else duplicate.offset
-            yield _reject(im.ImageRecordReject("duplicate", duplicate.source, offset, detail))
+            yield tag_reject(Reject("duplicate", duplicate.source, offset, detail))
         relative = f"{split}-{shard:06d}.tar"
         buffer = io.BytesIO()
-        stats = im.write_image_shard(buffer, relative, kept)
-        write_atomically(_stored_path(self.output, relative), buffer.getvalue())
+        stats = write_image_shard(buffer, relative, kept)
+        write_atomically(stored_path(self.output, relative), buffer.getvalue())
         yield TaggedOutput(COUNT, len(kept))
         yield split, stats
 
@@ -210,7 +187,7 @@ class ShardImages(beam.PTransform):
         shard_mb = self.config.shard_mb
         bytes_per_split = (
             placed
-            | "TarBytes" >> beam.Map(lambda p: (p[0], im.sample_tar_bytes(len(p[1].jpeg), p[1].label >= 0)))
+            | "TarBytes" >> beam.Map(lambda p: (p[0], sample_tar_bytes(len(p[1].jpeg), p[1].label >= 0)))
             | "SumPerSplit" >> beam.CombinePerKey(sum)
         )
 
@@ -257,7 +234,7 @@ def build_image_pipeline(
         "kept": written[COUNT] | "SumKept" >> beam.CombineGlobally(sum),
     }
     manifest_inputs = {"shards": written.shards, "reject_counts": reject_counts, **counts}
-    _ = manifest_inputs | "WriteManifest" >> WriteManifest(config.output, static, im.build_image_manifest)
+    _ = manifest_inputs | "WriteManifest" >> WriteManifest(config.output, static, build_image_manifest)
 
 
 def run_image_job(

@@ -23,8 +23,9 @@ import html
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
 from xml.etree import ElementTree
+
+from data_pipeline.text.streams import Readable
 
 # fmt: off
 DROPPED_TAGS = (
@@ -96,10 +97,6 @@ _NON_ARTICLE_PREFIXES = frozenset(
 )
 
 
-class _Readable(Protocol):
-    def read(self, size: int = -1, /) -> bytes: ...
-
-
 @dataclass(frozen=True)
 class WikiPage:
     """One ``<page>`` of an export.
@@ -119,7 +116,7 @@ class WikiPage:
     wikitext: str
 
 
-def iter_wiki_pages(stream: _Readable) -> Iterator[WikiPage]:
+def iter_wiki_pages(stream: Readable) -> Iterator[WikiPage]:
     """Stream the pages of a MediaWiki XML export, any schema version, freeing each once read.
 
     Raises:

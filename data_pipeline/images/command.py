@@ -20,22 +20,21 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from data_pipeline import images as im
-from data_pipeline.commands_prepare import (
+from data_pipeline.command_common import (
     JobResult,
     beam_arguments,
     clear_previous_outputs,
     format_table,
     job_outcome,
     recorded_options,
+    written_manifest,
 )
 from data_pipeline.errors import UserError
-from data_pipeline.shard_format import MANIFEST_NAME
-
-if TYPE_CHECKING:  # the job module imports Beam: loaded only when the job runs
-    from data_pipeline.image_pipeline import ImageSource
+from data_pipeline.images import sources
+from data_pipeline.images.decode import ImageOptions
+from data_pipeline.images.sources import ImageSource, ParquetColumns
 
 PARQUET_SUFFIX = ".parquet"
 LAYOUT_CHOICES = ("auto", "classes", "flat")
@@ -45,6 +44,7 @@ LABELLED_KINDS = ("classes", LABELLED_PARQUET)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `pretrain prepare images`."""
     parser.add_argument(
         "inputs", nargs="+", metavar="INPUT", help="image folders, image files, .parquet files, globs or URLs"
     )
@@ -121,7 +121,7 @@ def _folder_files(folder: str) -> list[Any]:
     from data_pipeline.inputs import expand_pattern
 
     files = expand_pattern(folder if os.path.isdir(folder) else folder.rstrip("/") + "/**")
-    relative = im.relative_paths(folder, [f.path for f in files])
+    relative = sources.relative_paths(folder, [f.path for f in files])
     # Hidden files and folders (.DS_Store, .git/, _SUCCESS) are no images of the set.
     return [
         f
@@ -131,19 +131,17 @@ def _folder_files(folder: str) -> list[Any]:
 
 
 def _add_folder(resolved: ResolvedInputs, folder: str, layout_choice: str) -> None:
-    from data_pipeline.image_pipeline import ImageSource
-
     files = _folder_files(folder)
     if not files:
         raise UserError(f"input {folder}: no image files below it")
-    relative = im.relative_paths(folder, [f.path for f in files])
-    layout = im.folder_layout(relative) if layout_choice == "auto" else layout_choice
-    if layout == "classes" and im.folder_layout(relative) != "classes":
+    relative = sources.relative_paths(folder, [f.path for f in files])
+    layout = sources.folder_layout(relative) if layout_choice == "auto" else layout_choice
+    if layout == "classes" and sources.folder_layout(relative) != "classes":
         stray = next(rel for rel in relative if "/" not in rel)
         raise UserError(
             f"input {folder}: --layout classes, but {stray} lies directly in it, in no class folder"
         )
-    labels = im.folder_labels(relative, layout)
+    labels = sources.folder_labels(relative, layout)
     resolved.sources += [ImageSource(f.path, label) for f, label in zip(files, labels)]
     resolved.labels.update(label for label in labels if label is not None)
     resolved.kinds[folder] = layout
@@ -173,14 +171,12 @@ def _parquet_label_column(path: str, handle: Any, args: argparse.Namespace) -> s
 def _add_parquet(resolved: ResolvedInputs, path: str, size_bytes: int, args: argparse.Namespace) -> None:
     from apache_beam.io.filesystems import FileSystems
 
-    from data_pipeline.image_pipeline import ImageSource
-
     try:
         with FileSystems.open(path) as handle:
             column = _parquet_label_column(path, handle, args)
             if column is not None:
                 handle.seek(0)
-                resolved.labels.update(im.parquet_labels(handle, column))
+                resolved.labels.update(sources.parquet_labels(handle, column))
     except (OSError, ValueError) as error:  # pyarrow's errors derive from these
         # An unreadable file is the job's business: it becomes a corrupt_file / unreadable_file reject,
         # and its labelling, unknown, takes no part in the mixed-labelling check.
@@ -199,7 +195,6 @@ def _add_parquet(resolved: ResolvedInputs, path: str, size_bytes: int, args: arg
 
 def resolve_inputs(args: argparse.Namespace) -> ResolvedInputs:
     """Expand every INPUT, tell its layout and list the class names; mixed labelling is a UserError."""
-    from data_pipeline.image_pipeline import ImageSource
     from data_pipeline.inputs import expand_pattern
 
     if not args.inputs:
@@ -232,20 +227,16 @@ def resolve_inputs(args: argparse.Namespace) -> ResolvedInputs:
 
 def prepare_images(args: argparse.Namespace, beam_args: list[str]) -> tuple[JobResult, str]:
     """Resolve the inputs, run the job, read back the manifest; returns it and the layout."""
-    import json
-
-    from apache_beam.io.filesystems import FileSystems
-
-    from data_pipeline import image_pipeline as ip
+    from data_pipeline.images import pipeline as ip
 
     resolved = resolve_inputs(args)
-    classes = im.class_list(resolved.labels)
+    classes = sources.class_list(resolved.labels)
     layout = ",".join(sorted({kind.split(",")[0] for kind in resolved.kinds.values()}))
     clear_previous_outputs(args.output)
     config = ip.ImageJobConfig(
         output=args.output,
-        options=im.ImageOptions(args.size, args.quality, args.min_size),
-        columns=ip.ParquetColumns(args.image_column, resolved.label_column),
+        options=ImageOptions(args.size, args.quality, args.min_size),
+        columns=ParquetColumns(args.image_column, resolved.label_column),
         classes=tuple(classes),
         seed=args.seed,
         val_fraction=args.val_fraction,
@@ -265,9 +256,7 @@ def prepare_images(args: argparse.Namespace, beam_args: list[str]) -> tuple[JobR
         file=sys.stderr,
     )
     ip.run_image_job(resolved.sources, config, static, beam_args)
-    with FileSystems.open(FileSystems.join(args.output, MANIFEST_NAME)) as handle:
-        manifest = json.loads(handle.read())
-    return JobResult(manifest, len(resolved.sources), resolved.input_bytes), layout
+    return JobResult(written_manifest(args.output), len(resolved.sources), resolved.input_bytes), layout
 
 
 def summary_table(result: JobResult, layout: str, seconds: float) -> str:
@@ -297,6 +286,7 @@ def summary_table(result: JobResult, layout: str, seconds: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run `pretrain prepare images`; the exit status."""
     _check_ranges(args)
     beam_args = beam_arguments(list(getattr(args, "passthrough", [])), os.cpu_count() or 1)
     started = time.monotonic()

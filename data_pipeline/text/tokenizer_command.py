@@ -7,16 +7,16 @@ pretrain tokenizer books/ --txt-docs paragraph --out tok/ --vocab-size 8000 --mo
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 
+from data_pipeline.command_common import hide_optional_gcp_warning
 from data_pipeline.errors import UserError
-from data_pipeline.readers import FORMATS, TXT_DOC_MODES, ReaderOptions
-from data_pipeline.tokenizer import (
+from data_pipeline.text.readers import FORMATS, TXT_DOC_MODES, ReaderOptions
+from data_pipeline.text.tokenizer import (
     MODEL_TYPES,
     VOCAB_FILE,
     SampleStats,
@@ -26,14 +26,6 @@ from data_pipeline.tokenizer import (
     trainer_options,
     write_sentences,
 )
-
-
-def hide_optional_gcp_warning() -> None:
-    """Drop the warning Beam logs at import when its optional GCP client libraries are absent.
-
-    It says nothing about this job (which names no BigQuery input) yet would open every run's output.
-    """
-    logging.getLogger().addFilter(lambda record: "apitools not found" not in record.getMessage())
 
 
 def add_reader_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,6 +54,7 @@ def reader_options(args: argparse.Namespace) -> ReaderOptions:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `pretrain tokenizer`."""
     parser.add_argument(
         "inputs", nargs="+", metavar="INPUT", help="files, directories, globs or filesystem URLs"
     )
@@ -89,8 +82,9 @@ def sample_documents(
     from apache_beam.io.filesystem import CompressionTypes
     from apache_beam.io.filesystems import FileSystems
 
-    from data_pipeline.cleaning import normalize_text
-    from data_pipeline.readers import Reject, read_records
+    from data_pipeline.rejects import Reject
+    from data_pipeline.text.cleaning import normalize_text
+    from data_pipeline.text.readers import read_records
 
     def opener(path: str):
         return FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
@@ -111,10 +105,11 @@ def sample_documents(
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run `pretrain tokenizer`; the exit status."""
     hide_optional_gcp_warning()
     from data_pipeline.inputs import expand_inputs
-    from data_pipeline.readers import detect_format
-    from data_pipeline.sentences import split_sentences
+    from data_pipeline.text.readers import detect_format
+    from data_pipeline.text.sentences import split_sentences
 
     if "://" in args.out:
         raise UserError(f"--out {args.out}: must be a local directory (SentencePiece writes local files)")

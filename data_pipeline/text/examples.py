@@ -1,4 +1,4 @@
-"""BERT example building (NSP, SOP, FULL-SENTENCES) and the compact codecs between pipeline stages.
+"""BERT example building (NSP, SOP, FULL-SENTENCES), shuffle keys, splits, buckets and shard counts.
 
 Everything here is a pure function of (token arrays, options, seeded rng): no I/O and no Beam, so the unit
 tests call it directly. A *document* is a list of sentences, each a 1-D integer array of token ids.
@@ -12,16 +12,12 @@ import random
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from itertools import accumulate, chain
-from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from data_pipeline.shard_format import SEP_ID, Example
+from data_pipeline.formats.text import SEP_ID, Example
 
-OBJECTIVES = ("nsp", "sop", "none")
-SPLITS = ("train", "val")
 DOCUMENTS_PER_BUCKET = 1000
 
 Document = list[NDArray[np.integer]]
@@ -390,132 +386,6 @@ def planned_shards(
     tokens = document_tokens * dupe_factor
     samples = math.ceil(tokens / options.max_content_tokens)
     return shard_count(estimated_shard_bytes(samples, tokens, itemsize), shard_mb)
-
-
-# ------------------------------------------------------------------------------------------- codecs
-
-_DOC_HEADER = struct.Struct("<BI")
-_EXAMPLE_HEADER = struct.Struct("<BHHB")
-
-
-def pack_document(sentences: Sequence[Sequence[int]], dtype: np.dtype) -> bytes:
-    """Tokenised sentences as one compact blob: itemsize, count, uint32 lengths, then the tokens."""
-    lengths = np.fromiter((len(sentence) for sentence in sentences), np.uint32, count=len(sentences))
-    tokens = np.fromiter(chain.from_iterable(sentences), dtype, count=int(lengths.sum()))
-    return _DOC_HEADER.pack(dtype.itemsize, len(sentences)) + lengths.tobytes() + tokens.tobytes()
-
-
-def unpack_document(blob: bytes) -> Document:
-    """Inverse of :func:`pack_document` (arrays are read-only views of ``blob``)."""
-    itemsize, count = _DOC_HEADER.unpack_from(blob)
-    lengths = np.frombuffer(blob, np.uint32, count, _DOC_HEADER.size)
-    tokens = np.frombuffer(blob, np.dtype(f"<u{itemsize}"), offset=_DOC_HEADER.size + 4 * count)
-    # Python's accumulate beats np.cumsum's call overhead for the ~30 sentences of a document, and
-    # plain slicing beats np.split.
-    ends = list(accumulate(lengths.tolist()))
-    return [tokens[start:end] for start, end in zip([0, *ends[:-1]], ends)]
-
-
-def document_token_count(blob: bytes) -> int:
-    """Tokens of a packed document, from its size alone."""
-    itemsize, count = _DOC_HEADER.unpack_from(blob)
-    return (len(blob) - _DOC_HEADER.size - 4 * count) // itemsize
-
-
-def pack_example(example: Example, dtype: np.dtype) -> bytes:
-    """One example as a blob: itemsize, len_a, len_b, label, then the A and B tokens."""
-    header = _EXAMPLE_HEADER.pack(dtype.itemsize, len(example.tokens_a), len(example.tokens_b), example.label)
-    return (
-        header
-        + np.asarray(example.tokens_a).astype(dtype, copy=False).tobytes()
-        + np.asarray(example.tokens_b).astype(dtype, copy=False).tobytes()
-    )
-
-
-def unpack_example(blob: bytes) -> Example:
-    """Inverse of :func:`pack_example`."""
-    itemsize, len_a, len_b, label = _EXAMPLE_HEADER.unpack_from(blob)
-    tokens = np.frombuffer(blob, np.dtype(f"<u{itemsize}"), offset=_EXAMPLE_HEADER.size)
-    return Example(tokens[:len_a], tokens[len_a : len_a + len_b], label)
-
-
-def example_token_count(blob: bytes) -> int:
-    """Content tokens of a packed example, read from its header only."""
-    _, len_a, len_b, _ = _EXAMPLE_HEADER.unpack_from(blob)
-    return len_a + len_b
-
-
-def pack_keyed_examples(items: Sequence[tuple[int, bytes]]) -> bytes:
-    """Many ``(sort key, example blob)`` pairs as one blob: count, uint64 keys, uint32 sizes, blobs.
-
-    One element per (bucket, shard) instead of one per example: the runner's per-element cost is
-    paid a few hundred times, not millions.
-    """
-    keys = np.fromiter((key for key, _ in items), np.uint64, count=len(items))
-    sizes = np.fromiter((len(blob) for _, blob in items), np.uint32, count=len(items))
-    return struct.pack("<Q", len(items)) + keys.tobytes() + sizes.tobytes() + b"".join(b for _, b in items)
-
-
-def unpack_keyed_examples(blob: bytes) -> list[tuple[int, bytes]]:
-    """Inverse of :func:`pack_keyed_examples`."""
-    (count,) = struct.unpack_from("<Q", blob)
-    keys = np.frombuffer(blob, np.uint64, count, 8).tolist()
-    sizes = np.frombuffer(blob, np.uint32, count, 8 + 8 * count)
-    ends = (np.cumsum(sizes, dtype=np.int64) + 8 + 12 * count).tolist()
-    starts = [8 + 12 * count, *ends[:-1]]
-    return [(key, blob[start:end]) for key, start, end in zip(keys, starts, ends)]
-
-
-_EXAMPLE_HEADER_DTYPE = np.dtype([("itemsize", "u1"), ("len_a", "<u2"), ("len_b", "<u2"), ("label", "u1")])
-
-
-def sorted_example_blobs(batches: Iterable[bytes]) -> list[bytes]:
-    """The example blobs of many :func:`pack_keyed_examples` batches, in ascending sort-key order.
-
-    The same order as sorting the ``(key, blob)`` pairs: numpy sorts the keys, and only when two keys
-    are equal (a 64-bit collision) are the pairs sorted as tuples, so that ties still order by blob.
-    """
-    keys: list[NDArray[np.uint64]] = []
-    blobs: list[bytes] = []
-    for batch in batches:
-        (count,) = struct.unpack_from("<Q", batch)
-        keys.append(np.frombuffer(batch, np.uint64, count, 8))
-        sizes = np.frombuffer(batch, np.uint32, count, 8 + 8 * count)
-        ends = (np.cumsum(sizes, dtype=np.int64) + 8 + 12 * count).tolist()
-        starts = [8 + 12 * count, *ends[:-1]]
-        blobs.extend([batch[start:end] for start, end in zip(starts, ends)])
-    if not blobs:
-        return []
-    all_keys = np.concatenate(keys)
-    order = np.argsort(all_keys, kind="stable")
-    ordered_keys = all_keys[order]
-    if bool(np.any(ordered_keys[1:] == ordered_keys[:-1])):
-        return [blob for _, blob in sorted(zip(all_keys.tolist(), blobs))]
-    return [blobs[i] for i in order.tolist()]
-
-
-def encode_example_blobs(blobs: Sequence[bytes], dtype: np.dtype) -> tuple[NDArray[Any], NDArray[np.uint16]]:
-    """:func:`~data_pipeline.shard_format.encode_chunk` straight from :func:`pack_example` blobs.
-
-    A blob's tokens are A then B in the token dtype already, so the chunk's ``tokens`` array is the
-    blobs' token bytes joined, and its ``seqs`` rows are their headers: no :class:`Example` per example.
-
-    Raises:
-        ValueError: A blob was packed with another itemsize than ``dtype``'s.
-    """
-    size = _EXAMPLE_HEADER.size
-    headers = np.frombuffer(b"".join([blob[:size] for blob in blobs]), _EXAMPLE_HEADER_DTYPE)
-    if bool(np.any(headers["itemsize"] != dtype.itemsize)):
-        raise ValueError(
-            f"example blobs packed with itemsizes {sorted(set(headers['itemsize'].tolist()))}, "
-            f"expected {dtype.itemsize}"
-        )
-    seqs = np.empty((len(blobs), 3), dtype=np.uint16)
-    seqs[:, 0] = headers["len_a"]
-    seqs[:, 1] = headers["len_b"]
-    seqs[:, 2] = headers["label"]
-    tokens = np.frombuffer(b"".join([blob[size:] for blob in blobs]), dtype.newbyteorder("<"))
-    return tokens, seqs
 
 
 def select_representatives(

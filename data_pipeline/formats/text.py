@@ -1,4 +1,4 @@
-"""Compact WebDataset shard format for tokenised examples (write and read); imports no Beam.
+"""The chunked text shard format: tokenised examples as compact WebDataset tar shards (write and read).
 
 A shard is a plain tar file that the ``webdataset`` library reads as it is. Each tar *sample* is a
 chunk of many sequences, so that tar and ``.npy`` headers cost almost nothing per token:
@@ -17,9 +17,7 @@ chunk of many sequences, so that tar and ``.npy`` headers cost almost nothing pe
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,12 +26,11 @@ from typing import IO, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from data_pipeline.errors import UserError
+from data_pipeline.formats.tar import HashingWriter, add_member
 
-FORMAT_NAME = "pretrain-chunked-v1"
-# Image shards (`pretrain prepare images`): standard WebDataset samples ``KEY.jpg`` + ``KEY.cls``.
-IMAGE_FORMAT_NAME = "pretrain-images-v1"
-MANIFEST_NAME = "manifest.json"
+# The sentence-pair task whose label each sequence carries (``seqs`` column 2): next-sentence
+# prediction, sentence-order prediction, or no task (label always 0).
+SENTENCE_TASKS = ("nsp", "sop", "none")
 DEFAULT_CHUNK_SEQUENCES = 4096
 # BERT specials, at fixed ids in every tokenizer this project trains (SentencePiece control symbols,
 # so no input text can produce them).
@@ -91,40 +88,10 @@ class Chunk:
         )
 
 
-class _HashingWriter(io.RawIOBase):
-    """Write-through stream that counts bytes and computes sha256 of everything written."""
-
-    def __init__(self, sink: IO[bytes]) -> None:
-        self.sink = sink
-        self.sha256 = hashlib.sha256()
-        self.nbytes = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        self.sink.write(view)
-        self.sha256.update(view)
-        self.nbytes += len(view)
-        return len(view)
-
-
 def _npy_bytes(array: NDArray[Any]) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
-
-
-def _add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
-    # Fixed metadata so that the same content always gives byte-identical tars.
-    info = tarfile.TarInfo(name)
-    info.size = len(payload)
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(payload))
 
 
 def encode_chunk(examples: Sequence[Example], dtype: np.dtype) -> tuple[NDArray[Any], NDArray[np.uint16]]:
@@ -203,13 +170,13 @@ def write_chunks(
     The chunks must be what :func:`encode_chunk` gives: ``tokens`` in the vocabulary's token dtype
     and ``seqs`` an ``(n, 3)`` ``uint16`` array with ``n >= 1``.
     """
-    hashing = _HashingWriter(sink)
+    hashing = HashingWriter(sink)
     samples = tokens = 0
     with tarfile.open(fileobj=hashing, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
         for chunk_index, (token_array, seqs) in enumerate(chunks):
             key = f"{key_prefix}-{chunk_index:06d}"
-            _add_member(tar, f"{key}.tokens.npy", _npy_bytes(token_array))
-            _add_member(tar, f"{key}.seqs.npy", _npy_bytes(seqs))
+            add_member(tar, f"{key}.tokens.npy", _npy_bytes(token_array))
+            add_member(tar, f"{key}.seqs.npy", _npy_bytes(seqs))
             samples += len(seqs)
             tokens += len(token_array)
     return ShardStats(relative_path, samples, tokens, hashing.nbytes, hashing.sha256.hexdigest())
@@ -249,57 +216,3 @@ def chunk_from_sample(sample: dict[str, Any]) -> Chunk:
         value = sample[suffix]
         arrays[suffix] = value if isinstance(value, np.ndarray) else np.load(io.BytesIO(value))
     return Chunk(sample["__key__"], arrays["tokens.npy"], arrays["seqs.npy"])
-
-
-def file_sha256(path: str) -> str:
-    """Hex sha256 of a local file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-class ManifestError(UserError):
-    """A manifest that is missing, unreadable or lacks a required field."""
-
-
-REQUIRED_MANIFEST_KEYS = ("format", "splits", "tokenizer", "seq_len", "objective", "seed", "documents")
-REQUIRED_IMAGE_MANIFEST_KEYS = ("format", "splits", "classes", "image_size", "seed", "images", "documents")
-# The keys each known format requires, and the command that writes it.
-KNOWN_FORMATS = {
-    FORMAT_NAME: (REQUIRED_MANIFEST_KEYS, "pretrain prepare text"),
-    IMAGE_FORMAT_NAME: (REQUIRED_IMAGE_MANIFEST_KEYS, "pretrain prepare images"),
-}
-
-
-def load_manifest(path: str, expected_format: str | None = FORMAT_NAME) -> dict[str, Any]:
-    """Read and check ``manifest.json`` (a file path, or a directory holding it).
-
-    Args:
-        path: The manifest file, or the shard directory that holds it.
-        expected_format: The format the caller reads; None accepts any known format. Defaults to
-            ``FORMAT_NAME`` (tokenised text).
-    """
-    if not path.endswith(".json"):
-        path = path.rstrip("/") + "/" + MANIFEST_NAME
-    command = KNOWN_FORMATS[expected_format][1] if expected_format else "pretrain prepare text|images"
-    try:
-        with open(path, encoding="utf-8") as handle:
-            manifest = json.load(handle)
-    except FileNotFoundError as error:
-        raise ManifestError(f"no manifest at {path}: run `{command}` first") from error
-    except json.JSONDecodeError as error:
-        raise ManifestError(f"manifest {path} is not valid JSON: {error}") from error
-    if not isinstance(manifest, dict):
-        raise ManifestError(f"manifest {path}: a JSON object expected, found {type(manifest).__name__}")
-    found = manifest.get("format")
-    # The keys of the format found (or, when that is unknown, of the one expected).
-    required = KNOWN_FORMATS.get(found, KNOWN_FORMATS[expected_format or FORMAT_NAME])[0]
-    missing = [key for key in required if key not in manifest]
-    if missing:
-        raise ManifestError(f"manifest {path} lacks keys {missing}")
-    if found not in KNOWN_FORMATS or (expected_format is not None and found != expected_format):
-        expected = expected_format or " or ".join(KNOWN_FORMATS)
-        raise ManifestError(f"manifest {path}: format {found!r}, expected {expected!r}")
-    return manifest

@@ -7,13 +7,8 @@ read -> clean -> tokenise -> (split, bucket) -> de-dup + examples -> global shuf
 
 from __future__ import annotations
 
-import json
-import sys
-import time
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
-from itertools import chain
 from typing import Any
 
 import apache_beam as beam
@@ -21,27 +16,40 @@ import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-from apache_beam.pvalue import AsDict, AsList, AsSingleton, TaggedOutput
+from apache_beam.pvalue import AsDict, TaggedOutput
 from apache_beam.utils.windowed_value import WindowedValue
 
-from data_pipeline import examples as ex
-from data_pipeline.cleaning import check_length, document_hash, normalize_text
-from data_pipeline.manifest import build_manifest, document_counts, manifest_text
-from data_pipeline.readers import ReaderOptions, Reject, read_records
-from data_pipeline.sentences import split_sentences
-from data_pipeline.shard_format import DEFAULT_CHUNK_SEQUENCES, MANIFEST_NAME, token_dtype, write_chunks
-from data_pipeline.tokenizer import encode_sentences, load_processor
+from data_pipeline.beam_common import (
+    COUNT,
+    REJECTS,
+    ProgressReporter,
+    WriteManifest,
+    WriteRejects,
+    atomic_sink,
+    make_pipeline,
+    stored_path,
+    tag_reject,
+)
+from data_pipeline.formats.manifest import build_manifest
+from data_pipeline.formats.text import DEFAULT_CHUNK_SEQUENCES, token_dtype, write_chunks
+from data_pipeline.rejects import Reject
+from data_pipeline.text import examples as ex
+from data_pipeline.text.codec import (
+    document_token_count,
+    encode_example_blobs,
+    pack_example,
+    pack_keyed_examples,
+    sorted_example_blobs,
+    unpack_document,
+)
+from data_pipeline.text.documents import CleanDocument, TokenizedDocument, clean_document, tokenize_texts
+from data_pipeline.text.readers import ReaderOptions, read_records
+from data_pipeline.text.tokenizer import load_processor
 
-REJECTS = "rejects"
-COUNT = "count"
-PROGRESS_SECONDS = 10.0
 # Documents (and at most characters) per SentencePiece call: enough that the per-call cost vanishes,
 # few enough to hold in memory.
 TOKENIZE_BATCH = 64
 TOKENIZE_BATCH_CHARS = 4_000_000
-# A reject record between stages: (reason, source, offset, payload).
-RejectRecord = tuple[str, str, "int | None", str]
 
 
 @dataclass(frozen=True)
@@ -74,19 +82,6 @@ class JobConfig:
         return token_dtype(self.vocab_size)
 
 
-def _stored_path(output: str, relative: str) -> str:
-    return FileSystems.join(output, *relative.split("/"))
-
-
-def write_atomically(path: str, payload: Iterable[bytes] | bytes) -> None:
-    """Write to a unique temporary name, then rename: a retried or crashed write never shows."""
-    temporary = f"{path}.tmp-{uuid.uuid4().hex}"
-    with FileSystems.create(temporary, compression_type=CompressionTypes.UNCOMPRESSED) as sink:
-        for block in [payload] if isinstance(payload, bytes) else payload:
-            sink.write(block)
-    FileSystems.rename([temporary], [path])
-
-
 # ----------------------------------------------------------------------------------------------- read
 
 
@@ -96,11 +91,11 @@ class _ReadFileFn(beam.DoFn):
     def __init__(self, reader: ReaderOptions) -> None:
         self.reader = reader
         self.documents = Metrics.counter("read", "documents")
-        self.last_report = 0.0
-        self.progress = [0, 0]  # documents, characters read by this worker
+        self.progress: ProgressReporter | None = None
+        self.read = [0, 0]  # documents, characters read by this worker
 
     def setup(self) -> None:
-        self.last_report = time.monotonic()
+        self.progress = ProgressReporter("read")
 
     def process(self, path: str) -> Iterator[Any]:
         def opener(name: str) -> Any:
@@ -110,29 +105,22 @@ class _ReadFileFn(beam.DoFn):
         for record in read_records(path, opener, self.reader):
             records += 1
             if isinstance(record, Reject):
-                Metrics.counter("rejects", record.reason).inc()
-                yield TaggedOutput(REJECTS, (record.reason, record.source, record.offset, record.payload))
+                yield tag_reject(record)
                 continue
             self.documents.inc()
             self._report(len(record.text))
-            yield (record.source, record.index, record.text)
+            yield record
         yield TaggedOutput(COUNT, records)
 
     def _report(self, characters: int) -> None:
-        # A line every PROGRESS_SECONDS per worker at most: never per element.
-        self.progress[0] += 1
-        self.progress[1] += characters
-        now = time.monotonic()
-        if now - self.last_report >= PROGRESS_SECONDS:
-            self.last_report = now
-            print(
-                f"[read] this worker: {self.progress[0]:,} documents, {self.progress[1] / 1e6:,.1f} M characters",
-                file=sys.stderr,
-            )
+        self.read[0] += 1
+        self.read[1] += characters
+        if self.progress is not None:
+            self.progress.tick(lambda: f"{self.read[0]:,} documents, {self.read[1] / 1e6:,.1f} M characters")
 
 
 class ReadDocuments(beam.PTransform):
-    """Input paths -> ``(source, index, text)`` documents, reject records and per-file record counts."""
+    """Input paths -> :class:`Document` records, :class:`Reject` records and per-file record counts."""
 
     def __init__(self, paths: list[str], reader: ReaderOptions) -> None:
         super().__init__()
@@ -152,52 +140,13 @@ class ReadDocuments(beam.PTransform):
 # ------------------------------------------------------------------------------------ clean, tokenise
 
 
-def clean_document(
-    source: str, index: int, text: str, min_doc_chars: int
-) -> tuple[bytes, str, int, str] | RejectRecord:
-    """A normalised ``(hash, source, index, text)``, or a ``too_short`` reject record."""
-    normalized = normalize_text(text)
-    reason = check_length(normalized, min_doc_chars)
-    if reason is not None:
-        return (reason, source, index, normalized)
-    return (document_hash(normalized), source, index, normalized)
-
-
 class _CleanFn(beam.DoFn):
     def __init__(self, min_doc_chars: int) -> None:
         self.min_doc_chars = min_doc_chars
 
     def process(self, document: tuple[str, int, str]) -> Iterator[Any]:
         cleaned = clean_document(*document, self.min_doc_chars)
-        if isinstance(cleaned[0], str):
-            Metrics.counter("rejects", cleaned[0]).inc()
-            yield TaggedOutput(REJECTS, cleaned)
-        else:
-            yield cleaned
-
-
-def tokenize_texts(processor: Any, texts: Sequence[str], dtype: np.dtype) -> list[bytes]:
-    """Sentence-split and encode documents: one packed token blob (``pack_document``) per text.
-
-    The sentences of all ``texts`` go to SentencePiece in one call: its per-call cost is several
-    times that of a sentence, and a blob does not depend on which other texts shared its call.
-
-    Args:
-        processor: A loaded SentencePiece processor.
-        texts: Normalised documents.
-        dtype: The token dtype of the blobs.
-
-    Returns:
-        The blobs, in the order of ``texts``.
-    """
-    sentences = [split_sentences(text) for text in texts]
-    ids = encode_sentences(processor, list(chain.from_iterable(sentences)))
-    blobs: list[bytes] = []
-    start = 0
-    for document in sentences:
-        blobs.append(ex.pack_document(ids[start : start + len(document)], dtype))
-        start += len(document)
-    return blobs
+        yield tag_reject(cleaned) if isinstance(cleaned, Reject) else cleaned
 
 
 class _TokenizeFn(beam.DoFn):
@@ -222,10 +171,10 @@ class _TokenizeFn(beam.DoFn):
         self.batch, self.batch_chars = [], 0
 
     def process(
-        self, document: tuple[bytes, str, int, str], held: Any = beam.DoFn.WindowedValueParam
+        self, document: CleanDocument, held: Any = beam.DoFn.WindowedValueParam
     ) -> Iterator[WindowedValue]:
         self.batch.append(held)
-        self.batch_chars += len(document[3])
+        self.batch_chars += len(document[3])  # the text
         if len(self.batch) >= TOKENIZE_BATCH or self.batch_chars >= TOKENIZE_BATCH_CHARS:
             yield from self._flush()
 
@@ -237,7 +186,7 @@ class _TokenizeFn(beam.DoFn):
         blobs = tokenize_texts(self.processor, [held.value[3] for held in batch], self.dtype)
         for held, blob in zip(batch, blobs):
             doc_hash, source, index, _ = held.value
-            yield held.with_value((doc_hash, source, index, blob))
+            yield held.with_value(TokenizedDocument(doc_hash, source, index, blob))
 
 
 class CleanDocuments(beam.PTransform):
@@ -288,7 +237,7 @@ class _BuildBucketFn(beam.DoFn):
 
     def process(
         self,
-        element: tuple[tuple[str, int], Iterable[tuple[bytes, str, int, bytes]]],
+        element: tuple[tuple[str, int], Iterable[TokenizedDocument]],
         totals: dict[str, tuple[int, int]],
     ) -> Iterator[Any]:
         (split, bucket), records = element
@@ -296,16 +245,13 @@ class _BuildBucketFn(beam.DoFn):
         representative = {doc_hash: (source, index) for doc_hash, source, index, _ in kept}
         for doc_hash, source, index, _ in duplicates:
             kept_source, kept_index = representative[doc_hash]
-            Metrics.counter("rejects", "duplicate").inc()
-            yield TaggedOutput(
-                REJECTS, ("duplicate", source, index, f"same text as {kept_source}:{kept_index}")
-            )
+            yield tag_reject(Reject("duplicate", source, index, f"same text as {kept_source}:{kept_index}"))
         yield TaggedOutput(COUNT, len(kept))
         config = self.config
         shards = ex.planned_shards(
             totals[split][1], config.dupe_factor, config.example, config.token_dtype.itemsize, config.shard_mb
         )
-        documents = [ex.unpack_document(blob) for _, _, _, blob in kept]
+        documents = [unpack_document(blob) for _, _, _, blob in kept]
         hashes = [doc_hash for doc_hash, _, _, _ in kept]
         capped, capped_hashes = ex.capped_documents(documents, hashes, config.example)
         dtype = config.token_dtype
@@ -315,10 +261,10 @@ class _BuildBucketFn(beam.DoFn):
                 capped, capped_hashes, config.example, config.seed, split, bucket, dupe
             )
             for sort_key, example in keyed:
-                item = (sort_key, ex.pack_example(example, dtype))
+                item = (sort_key, pack_example(example, dtype))
                 per_shard.setdefault(sort_key % shards, []).append(item)
         for shard, items in sorted(per_shard.items()):
-            yield ((split, shard), ex.pack_keyed_examples(items))
+            yield ((split, shard), pack_keyed_examples(items))
 
 
 class BuildExamples(beam.PTransform):
@@ -340,13 +286,13 @@ class BuildExamples(beam.PTransform):
         totals = (
             tokens
             | "SizeOfDocument"
-            >> beam.Map(lambda r: (ex.split_of(r[0], val_fraction), r[0], ex.document_token_count(r[3])))
+            >> beam.Map(lambda r: (ex.split_of(r[0], val_fraction), r[0], document_token_count(r[3])))
             | "UniqueDocuments" >> beam.Distinct()
             | "PerSplit" >> beam.Map(lambda unique: (unique[0], (1, unique[2])))
             | "SumPerSplit" >> beam.CombinePerKey(_add_pair)
         )
 
-        def bucket_key(record: tuple[bytes, str, int, bytes], totals: dict[str, tuple[int, int]]) -> Any:
+        def bucket_key(record: TokenizedDocument, totals: dict[str, tuple[int, int]]) -> Any:
             split = ex.split_of(record[0], val_fraction)
             return (split, ex.bucket_of(record[0], ex.bucket_count(totals[split][0]))), record
 
@@ -372,20 +318,17 @@ class _WriteShardFn(beam.DoFn):
 
     def process(self, element: tuple[tuple[str, int], Iterable[bytes]]) -> Iterator[Any]:
         (split, shard), batches = element
-        ordered = ex.sorted_example_blobs(batches)
+        ordered = sorted_example_blobs(batches)
         dtype = self.config.token_dtype
         # Chunks straight from the packed blobs: building an Example per sequence cost more than
         # the whole tar write.
         chunks = (
-            ex.encode_example_blobs(ordered[start : start + DEFAULT_CHUNK_SEQUENCES], dtype)
+            encode_example_blobs(ordered[start : start + DEFAULT_CHUNK_SEQUENCES], dtype)
             for start in range(0, len(ordered), DEFAULT_CHUNK_SEQUENCES)
         )
         relative = f"{split}-{shard:06d}.tar"
-        path = _stored_path(self.config.output, relative)
-        temporary = f"{path}.tmp-{uuid.uuid4().hex}"
-        with FileSystems.create(temporary, compression_type=CompressionTypes.UNCOMPRESSED) as sink:
+        with atomic_sink(stored_path(self.config.output, relative)) as sink:
             stats = write_chunks(sink, relative, f"{split}-{shard:06d}", chunks)
-        FileSystems.rename([temporary], [path])
         yield (split, stats.to_json())
 
 
@@ -399,97 +342,6 @@ class WriteShards(beam.PTransform):
     def expand(self, batches: beam.PCollection) -> beam.PCollection:
         return (
             batches | "GroupShards" >> beam.GroupByKey() | "Write" >> beam.ParDo(_WriteShardFn(self.config))
-        )
-
-
-def reject_lines(records: Iterable[tuple[str, int | None, str]]) -> list[bytes]:
-    """JSON lines of ``(source, offset, payload)`` records, sorted so every run writes the same bytes."""
-    ordered = sorted(records, key=lambda r: (r[0], -1 if r[1] is None else r[1], r[2]))
-    return [
-        (
-            json.dumps({"source": s, "offset": o, "payload": p}, sort_keys=True, ensure_ascii=False) + "\n"
-        ).encode()
-        for s, o, p in ordered
-    ]
-
-
-class _WriteRejectsFn(beam.DoFn):
-    def __init__(self, output: str) -> None:
-        self.output = output
-
-    def process(
-        self, element: tuple[str, Iterable[tuple[str, int | None, str]]]
-    ) -> Iterator[tuple[str, int]]:
-        reason, records = element
-        lines = reject_lines(records)
-        write_atomically(_stored_path(self.output, f"rejects/{reason}.jsonl"), lines)
-        yield (reason, len(lines))
-
-
-class WriteRejects(beam.PTransform):
-    """Reject records -> ``rejects/<reason>.jsonl`` and ``(reason, count)``."""
-
-    def __init__(self, output: str) -> None:
-        super().__init__()
-        self.output = output
-
-    def expand(self, rejects: beam.PCollection) -> beam.PCollection:
-        return (
-            rejects
-            | "KeyByReason" >> beam.Map(lambda r: (r[0], (r[1], r[2], r[3])))
-            | "GroupReasons" >> beam.GroupByKey()
-            | "Write" >> beam.ParDo(_WriteRejectsFn(self.output))
-        )
-
-
-def _write_manifest(
-    _: None,
-    static: dict[str, Any],
-    output: str,
-    shards: list[tuple[str, dict[str, Any]]],
-    reject_counts: list[tuple[str, int]],
-    read: int,
-    kept: int,
-    build: Callable[..., dict[str, Any]] = build_manifest,
-) -> str:
-    documents = document_counts(read, kept, dict(reject_counts))
-    manifest = build(shards=shards, documents=documents, **static)
-    path = _stored_path(output, MANIFEST_NAME)
-    write_atomically(path, manifest_text(manifest).encode("utf-8"))
-    return path
-
-
-class WriteManifest(beam.PTransform):
-    """The single ``manifest.json``, written once every shard and reject file is complete.
-
-    ``build(shards=, documents=, **static)`` makes the manifest: ``build_manifest`` for text shards
-    unless another format's builder is given.
-    """
-
-    def __init__(
-        self, output: str, static: dict[str, Any], build: Callable[..., dict[str, Any]] = build_manifest
-    ) -> None:
-        super().__init__()
-        self.output = output
-        self.static = static
-        self.build = build
-
-    def expand(self, inputs: dict[str, beam.PCollection]) -> beam.PCollection:
-        pipeline = inputs["shards"].pipeline
-        return (
-            pipeline
-            | "Once" >> beam.Create([None])
-            | "Write"
-            >> beam.Map(
-                _write_manifest,
-                static=self.static,
-                output=self.output,
-                shards=AsList(inputs["shards"]),
-                reject_counts=AsList(inputs["reject_counts"]),
-                read=AsSingleton(inputs["read"]),
-                kept=AsSingleton(inputs["kept"]),
-                build=self.build,
-            )
         )
 
 
@@ -530,33 +382,8 @@ def build_pipeline(
         "kept": built[COUNT] | "SumKept" >> beam.CombineGlobally(sum),
     }
     _ = {"shards": shards, "reject_counts": reject_counts, **counts} | "WriteManifest" >> WriteManifest(
-        config.output, static
+        config.output, static, build_manifest
     )
-
-
-def make_pipeline(beam_args: list[str]) -> tuple[beam.Pipeline, int]:
-    """A pipeline for ``beam_args`` and its worker count (32 assumed for a distributed runner).
-
-    Beam's own DirectRunner first tries the Prism runner, which downloads a binary (and fails
-    offline); a local run therefore goes straight to the FnApiRunner it would fall back to, which
-    honours ``--direct_num_workers`` and ``--direct_running_mode`` itself.
-    """
-    options = PipelineOptions(beam_args)
-    if options.view_as(StandardOptions).runner not in (None, "DirectRunner", "direct"):
-        return beam.Pipeline(options=options), 32
-    from apache_beam.options.pipeline_options import DirectOptions
-    from apache_beam.portability.api import beam_provision_api_pb2
-    from apache_beam.runners.portability.fn_api_runner import fn_runner
-    from apache_beam.runners.portability.portable_runner import JobServiceHandle
-
-    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
-    provision = fn_runner.ExtendedProvisionInfo(
-        beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)
-    )
-    runner = fn_runner.FnApiRunner(provision_info=provision)
-    return beam.Pipeline(runner=runner, options=options), options.view_as(
-        DirectOptions
-    ).direct_num_workers or 1
 
 
 def run_job(paths: list[str], config: JobConfig, static: dict[str, Any], beam_args: list[str]) -> None:

@@ -7,9 +7,7 @@ a ``Document`` or as a ``Reject`` whose ``reason`` is one of ``REJECT_REASONS``.
 
 from __future__ import annotations
 
-import bz2
 import contextlib
-import gzip
 import json
 import os
 import re
@@ -17,7 +15,7 @@ import tempfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO, Protocol
+from typing import IO, NamedTuple
 from xml.etree import ElementTree
 
 import pyarrow as pa
@@ -25,15 +23,21 @@ import pyarrow.parquet as pq
 import zstandard
 
 from data_pipeline.errors import UserError
-from data_pipeline.wikitext import clean_wikitext, iter_wiki_pages
+from data_pipeline.rejects import Reject
+from data_pipeline.text.streams import (
+    MAX_DOC_BYTES,
+    PREVIEW_BYTES,
+    READ_CHUNK,
+    CountingStream,
+    PeekedStream,
+    Readable,
+    append_capped,
+    decompressed,
+    is_seekable,
+    iter_lines,
+)
+from data_pipeline.text.wikitext import clean_wikitext, iter_wiki_pages
 
-MAX_DOC_BYTES = 8 * 1024 * 1024
-"""Largest document (txt file or paragraph, jsonl line, parquet cell, wiki page text) kept, in bytes."""
-PREVIEW_BYTES = 64 * 1024
-"""Bytes of an over-long or undecodable record kept as the reject payload."""
-READ_CHUNK = 1024 * 1024
-ZSTD_INPUT_CHUNK = 64 * 1024
-ZSTD_FEED_BYTES = 1024
 PARQUET_BATCH_ROWS = 1024
 PARQUET_SPOOL_BYTES = 64 * 1024 * 1024
 
@@ -70,9 +74,8 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 _STREAM_ERRORS = (EOFError, OSError, zlib.error, zstandard.ZstdError, ElementTree.ParseError)
 
 
-@dataclass(frozen=True)
-class Document:
-    """One input document.
+class Document(NamedTuple):
+    """One input document (a named tuple: Beam encodes it compactly).
 
     Attributes:
         source: The input path or URL it came from.
@@ -85,27 +88,6 @@ class Document:
     source: str
     index: int
     text: str
-
-
-@dataclass(frozen=True)
-class Reject:
-    """An input record set aside, with a stable snake_case ``reason`` from ``REJECT_REASONS``.
-
-    Attributes:
-        reason: Why it was set aside.
-        source: The input path or URL.
-        offset: A record ordinal (same numbering as ``Document.index``) for record-level reasons;
-            ``corrupt_stream`` gives the bytes of the stored file read when the damage was found
-            (compressed bytes for a compressed file; decompressors read ahead, so it is an upper bound);
-            ``None`` for file-level problems. See ``REJECT_REASONS``.
-        payload: The rejected record as text, at most 64 KiB of it (undecodable bytes as U+FFFD); the
-            page title for ``redirect``/``namespace``; the error message for stream and file errors.
-    """
-
-    reason: str
-    source: str
-    offset: int | None
-    payload: str
 
 
 @dataclass(frozen=True)
@@ -131,10 +113,6 @@ class ReaderOptions:
             raise UserError(f"--input-format {self.input_format!r}: expected one of {', '.join(FORMATS)}")
         if self.txt_docs not in TXT_DOC_MODES:
             raise UserError(f"--txt-docs {self.txt_docs!r}: expected one of {', '.join(TXT_DOC_MODES)}")
-
-
-class _Readable(Protocol):
-    def read(self, size: int = -1, /) -> bytes: ...
 
 
 def default_opener(path: str) -> IO[bytes]:
@@ -205,18 +183,18 @@ def _read_stream(
     path: str, input_format: str, raw: IO[bytes], options: ReaderOptions
 ) -> Iterator[Document | Reject]:
     """Decompress ``raw``, report an empty file, and hand the stream to the format's reader."""
-    counted = _CountingStream(raw)
+    counted = CountingStream(raw)
     try:
-        stream = _decompressed(counted, compression_of(path))
+        stream = decompressed(counted, compression_of(path))
         head = stream.read(READ_CHUNK)
         if not head:
             yield Reject("empty_file", path, 0, "")
             return
         if input_format in ("txt", "jsonl") and head.startswith(_BOM):
             head = head[len(_BOM) :]
-        body = _PeekedStream(head, stream)
+        body = PeekedStream(head, stream)
         if input_format == "parquet":
-            seekable = raw if compression_of(path) is None and _is_seekable(raw) else None
+            seekable = raw if compression_of(path) is None and is_seekable(raw) else None
             yield from _read_parquet(path, body, seekable, options)
         else:
             yield from _FORMAT_READERS[input_format](path, body, options)
@@ -224,156 +202,9 @@ def _read_stream(
         yield Reject("corrupt_stream", path, counted.bytes_read, f"{type(error).__name__}: {error}")
 
 
-class _CountingStream:
-    """Counts the bytes read from the stored file, to say where a damaged stream broke."""
-
-    def __init__(self, raw: IO[bytes]) -> None:
-        self._raw = raw
-        self.bytes_read = 0
-
-    def read(self, size: int = -1, /) -> bytes:
-        data = self._raw.read(size)
-        self.bytes_read += len(data)
-        return data
-
-
-class _PeekedStream:
-    """A stream whose first bytes were already read (to detect an empty file) and are served again."""
-
-    def __init__(self, head: bytes, rest: _Readable) -> None:
-        self._head = head
-        self._rest = rest
-
-    def read(self, size: int = -1, /) -> bytes:
-        if self._head:
-            if size < 0:
-                data, self._head = self._head + self._rest.read(), b""
-                return data
-            data, self._head = self._head[:size], self._head[size:]
-            return data
-        return self._rest.read(size)
-
-
-class _ZstdReader:
-    """Streaming zstd decompression across concatenated frames that notices a truncated last frame.
-
-    ``zstandard``'s own stream reader ends silently on a truncated frame, so frames are tracked here.
-    Input is fed ``ZSTD_FEED_BYTES`` at a time and only when the output is used up: a zstd block needs
-    at least 4 input bytes for at most 128 KiB of output, so even a decompression bomb stays within
-    about 32 MiB per feed.
-    """
-
-    def __init__(self, raw: _Readable) -> None:
-        self._raw = raw
-        self._decompressor = zstandard.ZstdDecompressor()
-        self._frame: zstandard.ZstdDecompressionObj | None = None
-        self._input = memoryview(b"")
-        self._buffer = bytearray()
-        self._done = False
-
-    def read(self, size: int = -1, /) -> bytes:
-        """Up to ``size`` bytes (all when negative), returning as soon as some are decompressed."""
-        while (size < 0 or not self._buffer) and not self._done:
-            if not self._input:
-                self._input = memoryview(self._raw.read(ZSTD_INPUT_CHUNK))
-            if not self._input:
-                self._done = True
-                if self._frame is not None:
-                    raise EOFError("zstd stream ended in the middle of a frame")
-                break
-            self._feed(bytes(self._input[:ZSTD_FEED_BYTES]))
-            self._input = self._input[ZSTD_FEED_BYTES:]
-        size = len(self._buffer) if size < 0 else size
-        data = bytes(self._buffer[:size])
-        del self._buffer[:size]
-        return data
-
-    def _feed(self, data: bytes) -> None:
-        while data:
-            if self._frame is None:
-                self._frame = self._decompressor.decompressobj()
-            self._buffer += self._frame.decompress(data)
-            if not self._frame.eof:
-                return
-            data = self._frame.unused_data
-            self._frame = None
-
-
-class _ShortReads:
-    """``read(n)`` as ``read1(n)``: returns what is decompressed so far instead of filling ``n`` bytes.
-
-    A full ``read`` of a damaged stream raises and loses the intact data decompressed before the
-    damage in the same call; short reads hand it over first.
-    """
-
-    def __init__(self, stream: gzip.GzipFile | bz2.BZ2File) -> None:
-        self._stream = stream
-
-    def read(self, size: int = -1, /) -> bytes:
-        return self._stream.read1(size) if size > 0 else self._stream.read()
-
-
-def _decompressed(raw: _Readable, compression: str | None) -> _Readable:
-    """``raw`` decompressed; gzip members and bz2/zstd streams may be concatenated (multistream)."""
-    if compression == "gz":
-        return _ShortReads(gzip.GzipFile(fileobj=raw, mode="rb"))  # type: ignore[arg-type]
-    if compression == "bz2":
-        return _ShortReads(bz2.BZ2File(raw, mode="rb"))  # type: ignore[arg-type]
-    if compression == "zst":
-        return _ZstdReader(raw)
-    return raw
-
-
-def _is_seekable(raw: IO[bytes]) -> bool:
-    try:
-        return bool(raw.seekable())
-    except (AttributeError, OSError, ValueError):
-        return False
-
-
 def _preview(data: bytes) -> str:
     """The first ``PREVIEW_BYTES`` of a record, undecodable bytes replaced, for a reject payload."""
     return data[:PREVIEW_BYTES].decode("utf-8", "replace")
-
-
-def _iter_lines(stream: _Readable, max_bytes: int = MAX_DOC_BYTES) -> Iterator[tuple[bytes, bool]]:
-    """Yield ``(line, too_long)`` for each line, without its ``\\n`` or ``\\r\\n``.
-
-    A line longer than ``max_bytes`` is not held: only its first ``PREVIEW_BYTES`` are kept, the rest is
-    read and dropped, and it comes out with ``too_long=True``. Memory stays near ``max_bytes +
-    READ_CHUNK`` whatever the line length.
-    """
-    pending = bytearray()
-    too_long = False
-    while chunk := stream.read(READ_CHUNK):
-        start = 0
-        while (end := chunk.find(b"\n", start)) >= 0:
-            if not pending and not too_long and end - start <= max_bytes:
-                yield _strip_cr(chunk[start:end]), False  # Fast path: the line lies within this chunk.
-            else:
-                too_long = _append_capped(pending, chunk[start:end], too_long, max_bytes)
-                yield _strip_cr(bytes(pending)), too_long
-                pending.clear()
-                too_long = False
-            start = end + 1
-        too_long = _append_capped(pending, chunk[start:], too_long, max_bytes)
-    if pending or too_long:
-        yield _strip_cr(bytes(pending)), too_long
-
-
-def _append_capped(pending: bytearray, piece: bytes, too_long: bool, max_bytes: int) -> bool:
-    """Append ``piece`` unless over ``max_bytes``, then keep only a preview; returns the new too_long."""
-    if too_long:
-        return True
-    pending += piece
-    if len(pending) > max_bytes:
-        del pending[PREVIEW_BYTES:]
-        return True
-    return False
-
-
-def _strip_cr(line: bytes) -> bytes:
-    return line[:-1] if line.endswith(b"\r") else line
 
 
 def _text_record(path: str, index: int, data: bytes, too_long: bool) -> Document | Reject:
@@ -386,7 +217,7 @@ def _text_record(path: str, index: int, data: bytes, too_long: bool) -> Document
         return Reject("invalid_utf8", path, index, _preview(data))
 
 
-def _read_txt(path: str, stream: _Readable, options: ReaderOptions) -> Iterator[Document | Reject]:
+def _read_txt(path: str, stream: Readable, options: ReaderOptions) -> Iterator[Document | Reject]:
     """A txt file: one document, or one per blank-line separated paragraph."""
     if options.txt_docs == "paragraph":
         yield from _read_paragraphs(path, stream)
@@ -398,19 +229,19 @@ def _read_txt(path: str, stream: _Readable, options: ReaderOptions) -> Iterator[
     yield _text_record(path, 0, bytes(data), len(data) > MAX_DOC_BYTES)
 
 
-def _read_paragraphs(path: str, stream: _Readable) -> Iterator[Document | Reject]:
+def _read_paragraphs(path: str, stream: Readable) -> Iterator[Document | Reject]:
     """Documents of blank-line separated blocks, numbered from 0 in file order."""
     paragraph = bytearray()
     too_long = False
     index = 0
-    for line, line_too_long in _iter_lines(stream):
+    for line, line_too_long in iter_lines(stream):
         if line.strip():
             if paragraph and not too_long:
                 paragraph += b"\n"
             if line_too_long and not too_long:
                 paragraph += line  # Only a preview of the line: enough for the payload.
                 too_long = True
-            too_long = _append_capped(paragraph, line, too_long, MAX_DOC_BYTES)
+            too_long = append_capped(paragraph, line, too_long, MAX_DOC_BYTES)
             continue
         if paragraph or too_long:
             yield _text_record(path, index, bytes(paragraph), too_long)
@@ -421,9 +252,9 @@ def _read_paragraphs(path: str, stream: _Readable) -> Iterator[Document | Reject
         yield _text_record(path, index, bytes(paragraph), too_long)
 
 
-def _read_jsonl(path: str, stream: _Readable, options: ReaderOptions) -> Iterator[Document | Reject]:
+def _read_jsonl(path: str, stream: Readable, options: ReaderOptions) -> Iterator[Document | Reject]:
     """One JSON object per line; blank lines are skipped, and the index is the 0-based line number."""
-    for line_number, (line, too_long) in enumerate(_iter_lines(stream)):
+    for line_number, (line, too_long) in enumerate(iter_lines(stream)):
         if too_long:
             yield Reject("too_long", path, line_number, _preview(line))
         elif line.strip():
@@ -450,7 +281,7 @@ def _json_record(path: str, line_number: int, line: bytes, field: str) -> Docume
 
 
 def _read_parquet(
-    path: str, stream: _Readable, seekable: IO[bytes] | None, options: ReaderOptions
+    path: str, stream: Readable, seekable: IO[bytes] | None, options: ReaderOptions
 ) -> Iterator[Document | Reject]:
     """Rows of one Parquet column, read in batches; a non-seekable stream is spooled to disk first."""
     with contextlib.ExitStack() as stack:
@@ -512,7 +343,7 @@ def _cell_record(path: str, row: int, value: str | bytes | None) -> Document | R
     return Document(path, row, text)
 
 
-def _read_wiki(path: str, stream: _Readable, options: ReaderOptions) -> Iterator[Document | Reject]:
+def _read_wiki(path: str, stream: Readable, options: ReaderOptions) -> Iterator[Document | Reject]:
     """Articles of a MediaWiki XML export: the title, a blank line, then the cleaned text."""
     for page in iter_wiki_pages(stream):
         if page.is_redirect:
@@ -525,7 +356,7 @@ def _read_wiki(path: str, stream: _Readable, options: ReaderOptions) -> Iterator
             yield Document(path, page.ordinal, page.title + "\n\n" + clean_wikitext(page.wikitext))
 
 
-_FORMAT_READERS: dict[str, Callable[[str, _Readable, ReaderOptions], Iterator[Document | Reject]]] = {
+_FORMAT_READERS: dict[str, Callable[[str, Readable, ReaderOptions], Iterator[Document | Reject]]] = {
     "txt": _read_txt,
     "jsonl": _read_jsonl,
     "wiki": _read_wiki,

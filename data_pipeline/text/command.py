@@ -8,19 +8,25 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from dataclasses import dataclass
-from typing import Any
 
-from data_pipeline.commands_tokenizer import add_reader_arguments, hide_optional_gcp_warning, reader_options
+from data_pipeline.command_common import (
+    JobResult,
+    beam_arguments,
+    clear_previous_outputs,
+    format_table,
+    hide_optional_gcp_warning,
+    job_outcome,
+    recorded_options,
+    written_manifest,
+)
 from data_pipeline.errors import UserError
-from data_pipeline.examples import OBJECTIVES, ExampleOptions
-from data_pipeline.manifest import TOKENIZER_COPY, tokenizer_entry
-from data_pipeline.shard_format import MANIFEST_NAME
-from data_pipeline.tokenizer import (
+from data_pipeline.formats.manifest import TOKENIZER_COPY, tokenizer_entry
+from data_pipeline.formats.text import SENTENCE_TASKS
+from data_pipeline.text.examples import ExampleOptions
+from data_pipeline.text.tokenizer import (
     MODEL_FILE,
     load_processor,
     model_sha256,
@@ -28,14 +34,13 @@ from data_pipeline.tokenizer import (
     special_ids,
     verify_specials,
 )
+from data_pipeline.text.tokenizer_command import add_reader_arguments, reader_options
 
 DEFAULT_MIN_DOC_CHARS = 200
-# Options that change how fast the job runs, never what it writes: kept out of the manifest so that
-# any worker count gives a byte-identical output directory.
-EXECUTION_ONLY_OPTIONS = ("direct_num_workers", "direct_running_mode", "default_sdk_harness_log_level")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `pretrain prepare text`."""
     parser.epilog = (
         "Beam pipeline options go after a bare `--`. Without --runner the job runs locally on the "
         "DirectRunner with --direct_running_mode=multi_processing --direct_num_workers=<all cores>."
@@ -56,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "sentences a document gives no sentence pair and is mostly boilerplate (menus, captions)",
     )
     parser.add_argument(
-        "--objective", choices=OBJECTIVES, default="nsp", help="sentence-pair task of the examples"
+        "--objective", choices=SENTENCE_TASKS, default="nsp", help="sentence-pair task of the examples"
     )
     parser.add_argument("--seq-len", type=int, default=128, help="sequence length, [CLS]/[SEP] included")
     parser.add_argument(
@@ -87,41 +92,6 @@ def _check_ranges(args: argparse.Namespace) -> None:
             raise UserError(f"{name} {value}: must be {expected}")
 
 
-def _option_name(arg: str) -> str:
-    return arg.lstrip("-").split("=", 1)[0]
-
-
-def beam_arguments(passthrough: list[str], cores: int) -> list[str]:
-    """The user's Beam options, plus the local multi-process DirectRunner defaults they did not set."""
-    given = {_option_name(arg) for arg in passthrough if arg.startswith("--")}
-    defaults = ["--runner=DirectRunner"]
-    runner = None
-    for i, arg in enumerate(passthrough):
-        if arg.startswith("--") and _option_name(arg) == "runner":
-            runner = (
-                arg.split("=", 1)[1]
-                if "=" in arg
-                else (passthrough[i + 1] if i + 1 < len(passthrough) else "")
-            )
-    if runner is None or runner in ("DirectRunner", "direct"):
-        defaults += [
-            "--direct_running_mode=multi_processing",
-            f"--direct_num_workers={cores}",
-            # Local workers otherwise log every harness step at INFO over the progress lines.
-            "--default_sdk_harness_log_level=WARNING",
-        ]
-    return [arg for arg in defaults if _option_name(arg) not in given] + list(passthrough)
-
-
-def recorded_options(args: argparse.Namespace, beam_args: list[str]) -> dict[str, Any]:
-    """The option set for the manifest: inputs as given, no output path, no execution-only options."""
-    options = {
-        key: value for key, value in sorted(vars(args).items()) if key not in ("output", "passthrough")
-    }
-    options["beam"] = [arg for arg in beam_args if _option_name(arg) not in EXECUTION_ONLY_OPTIONS]
-    return options
-
-
 def read_model_bytes(path: str) -> bytes:
     """The serialized model at ``path``: a ``.model`` file or a directory holding ``spm.model``, any filesystem."""
     from apache_beam.io.filesystems import FileSystems
@@ -139,34 +109,14 @@ def read_model_bytes(path: str) -> bytes:
         raise UserError(f"--tokenizer {path}: cannot read {candidate}: {error}") from error
 
 
-def clear_previous_outputs(output: str) -> None:
-    """Delete what an earlier run wrote to ``output`` (shards, rejects, manifest), so stale shards of a
-    run with more shards never mix with this one's. Files of other names are left alone."""
-    from apache_beam.io.filesystems import FileSystems
-
-    patterns = ["train-*.tar", "val-*.tar", "*.tmp-*", "rejects/*.jsonl", MANIFEST_NAME]
-    matches = FileSystems.match([FileSystems.join(output, *pattern.split("/")) for pattern in patterns])
-    stale = [metadata.path for match in matches for metadata in match.metadata_list]
-    if stale:
-        FileSystems.delete(stale)
-
-
-@dataclass(frozen=True)
-class JobResult:
-    """What the launcher reports: the written manifest and the size of the inputs."""
-
-    manifest: dict[str, Any]
-    input_files: int
-    input_bytes: int
-
-
 def prepare(args: argparse.Namespace, beam_args: list[str]) -> JobResult:
     """Expand inputs, check formats and tokenizer, copy the tokenizer, run the job, read the manifest."""
     from apache_beam.io.filesystems import FileSystems
 
-    from data_pipeline import pipeline
+    from data_pipeline.beam_common import write_atomically
     from data_pipeline.inputs import expand_inputs
-    from data_pipeline.readers import detect_format
+    from data_pipeline.text import pipeline
+    from data_pipeline.text.readers import detect_format
 
     reader = reader_options(args)
     files = expand_inputs(args.inputs)
@@ -177,7 +127,7 @@ def prepare(args: argparse.Namespace, beam_args: list[str]) -> JobResult:
     verify_specials(processor, args.tokenizer)
     vocab_size = processor.GetPieceSize()
     clear_previous_outputs(args.output)
-    pipeline.write_atomically(FileSystems.join(args.output, *TOKENIZER_COPY.split("/")), model_proto)
+    write_atomically(FileSystems.join(args.output, *TOKENIZER_COPY.split("/")), model_proto)
     config = pipeline.JobConfig(
         output=args.output,
         model_proto=model_proto,
@@ -202,9 +152,7 @@ def prepare(args: argparse.Namespace, beam_args: list[str]) -> JobResult:
         file=sys.stderr,
     )
     pipeline.run_job([f.path for f in files], config, static, beam_args)
-    with FileSystems.open(FileSystems.join(args.output, MANIFEST_NAME)) as handle:
-        manifest = json.loads(handle.read())
-    return JobResult(manifest, len(files), sum(f.size_bytes for f in files))
+    return JobResult(written_manifest(args.output), len(files), sum(f.size_bytes for f in files))
 
 
 def summary_table(result: JobResult, seconds: float) -> str:
@@ -234,13 +182,8 @@ def summary_table(result: JobResult, seconds: float) -> str:
     return format_table(rows)
 
 
-def format_table(rows: list[tuple[str, str]]) -> str:
-    """``(name, value)`` rows as two aligned columns: the end-of-run summary of every prepare job."""
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
-
-
 def run(args: argparse.Namespace) -> int:
+    """Run `pretrain prepare text`; the exit status."""
     _check_ranges(args)
     hide_optional_gcp_warning()
     beam_args = beam_arguments(list(getattr(args, "passthrough", [])), os.cpu_count() or 1)
@@ -248,30 +191,3 @@ def run(args: argparse.Namespace) -> int:
     result = prepare(args, beam_args)
     print(summary_table(result, time.monotonic() - started))
     return job_outcome(result.manifest["documents"], "document", "prepare text", args)
-
-
-def job_outcome(counts: dict[str, Any], noun: str, command: str, args: argparse.Namespace) -> int:
-    """The exit status of a prepare job from its manifest's read/kept/rejected counts.
-
-    Nothing kept is a UserError; rejects give 1 under ``--strict``, else 0.
-
-    Args:
-        counts: The manifest's ``documents`` (or ``images``) counts.
-        noun: What a record is, for the messages (``document``, ``image``).
-        command: The subcommand, for the messages (``prepare text``).
-        args: The parsed options (``inputs``, ``output``, ``strict``).
-    """
-    if counts["kept"] == 0:
-        raise UserError(
-            f"no {noun} kept from {' '.join(args.inputs)}: {counts['read']} records read, rejected "
-            f"{counts['rejected'] or 'none'}; see {args.output}/rejects/"
-        )
-    rejected = sum(counts["rejected"].values())
-    if args.strict and rejected:
-        print(
-            f"pretrain {command}: --strict: {rejected} records "
-            f"rejected {counts['rejected']}; see {args.output}/rejects/",
-            file=sys.stderr,
-        )
-        return 1
-    return 0

@@ -12,7 +12,7 @@ from typing import IO
 import sentencepiece as spm
 
 from data_pipeline.errors import UserError
-from data_pipeline.shard_format import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, UNK_ID
+from data_pipeline.formats.text import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, UNK_ID
 
 MODEL_FILE = "spm.model"
 VOCAB_FILE = "spm.vocab"

@@ -1,0 +1,127 @@
+"""What the prepare commands share: Beam options, the output directory, the exit status, the summary table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from data_pipeline.errors import UserError
+from data_pipeline.formats.manifest import MANIFEST_NAME
+
+# Options that change how fast the job runs, never what it writes: kept out of the manifest so that
+# any worker count gives a byte-identical output directory.
+EXECUTION_ONLY_OPTIONS = ("direct_num_workers", "direct_running_mode", "default_sdk_harness_log_level")
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What the launcher reports: the written manifest and the size of the inputs."""
+
+    manifest: dict[str, Any]
+    input_files: int
+    input_bytes: int
+
+
+def hide_optional_gcp_warning() -> None:
+    """Drop the warning Beam logs at import when its optional GCP client libraries are absent.
+
+    It says nothing about this job (which names no BigQuery input) yet would open every run's output.
+    """
+    logging.getLogger().addFilter(lambda record: "apitools not found" not in record.getMessage())
+
+
+def _option_name(arg: str) -> str:
+    return arg.lstrip("-").split("=", 1)[0]
+
+
+def beam_arguments(passthrough: list[str], cores: int) -> list[str]:
+    """The user's Beam options, plus the local multi-process DirectRunner defaults they did not set."""
+    given = {_option_name(arg) for arg in passthrough if arg.startswith("--")}
+    defaults = ["--runner=DirectRunner"]
+    runner = None
+    for i, arg in enumerate(passthrough):
+        if arg.startswith("--") and _option_name(arg) == "runner":
+            runner = (
+                arg.split("=", 1)[1]
+                if "=" in arg
+                else (passthrough[i + 1] if i + 1 < len(passthrough) else "")
+            )
+    if runner is None or runner in ("DirectRunner", "direct"):
+        defaults += [
+            "--direct_running_mode=multi_processing",
+            f"--direct_num_workers={cores}",
+            # Local workers otherwise log every harness step at INFO over the progress lines.
+            "--default_sdk_harness_log_level=WARNING",
+        ]
+    return [arg for arg in defaults if _option_name(arg) not in given] + list(passthrough)
+
+
+def recorded_options(args: argparse.Namespace, beam_args: list[str]) -> dict[str, Any]:
+    """The option set for the manifest: inputs as given, no output path, no execution-only options."""
+    options = {
+        key: value for key, value in sorted(vars(args).items()) if key not in ("output", "passthrough")
+    }
+    options["beam"] = [arg for arg in beam_args if _option_name(arg) not in EXECUTION_ONLY_OPTIONS]
+    return options
+
+
+def clear_previous_outputs(output: str) -> None:
+    """Delete what an earlier run wrote to ``output`` (shards, rejects, manifest), so stale shards of a
+    run with more shards never mix with this one's. Files of other names are left alone."""
+    from apache_beam.io.filesystems import FileSystems
+
+    patterns = ["train-*.tar", "val-*.tar", "*.tmp-*", "rejects/*.jsonl", MANIFEST_NAME]
+    matches = FileSystems.match([FileSystems.join(output, *pattern.split("/")) for pattern in patterns])
+    stale = [metadata.path for match in matches for metadata in match.metadata_list]
+    if stale:
+        FileSystems.delete(stale)
+
+
+def written_manifest(output: str) -> dict[str, Any]:
+    """The manifest a finished job wrote to ``output`` (any Beam filesystem)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.open(FileSystems.join(output, MANIFEST_NAME)) as handle:
+        return json.loads(handle.read())
+
+
+def format_table(rows: list[tuple[str, str]], indent: str = "") -> str:
+    """``(name, value)`` rows as two aligned columns: the end-of-run summary of a job.
+
+    Args:
+        rows: The names and their already formatted values.
+        indent: Put before every line. Defaults to none.
+    """
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{indent}{name.ljust(width)}  {value}" for name, value in rows)
+
+
+def job_outcome(counts: dict[str, Any], noun: str, command: str, args: argparse.Namespace) -> int:
+    """The exit status of a prepare job from its manifest's read/kept/rejected counts.
+
+    Nothing kept is a UserError; rejects give 1 under ``--strict``, else 0.
+
+    Args:
+        counts: The manifest's ``documents`` (or ``images``) counts.
+        noun: What a record is, for the messages (``document``, ``image``).
+        command: The subcommand, for the messages (``prepare text``).
+        args: The parsed options (``inputs``, ``output``, ``strict``).
+    """
+    if counts["kept"] == 0:
+        raise UserError(
+            f"no {noun} kept from {' '.join(args.inputs)}: {counts['read']} records read, rejected "
+            f"{counts['rejected'] or 'none'}; see {args.output}/rejects/"
+        )
+    rejected = sum(counts["rejected"].values())
+    if args.strict and rejected:
+        print(
+            f"pretrain {command}: --strict: {rejected} records "
+            f"rejected {counts['rejected']}; see {args.output}/rejects/",
+            file=sys.stderr,
+        )
+        return 1
+    return 0

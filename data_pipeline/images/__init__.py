@@ -1,0 +1,1 @@
+"""Image preparation: decoding, input layouts and the `prepare images` job."""

@@ -1,0 +1,1 @@
+"""Text preparation: readers, cleaning, sentences, tokenizer, example building and the `prepare text` job."""
