@@ -6,7 +6,7 @@
 Rows, for each sequence length (all on one core: torch and BLAS limited to one thread):
   ours frame+mask (WWM)      training.masking.frame_examples + mask_batch over 256-sequence batches
   ours frame+mask (token)    the same with whole_word=False
-  ours loader, 0 workers     PretrainLoader end to end: chunk read + order + frame + mask + tensors
+  ours loader, 0 workers     text_loader end to end: chunk read + order + frame + mask + tensors
   HF collator (plain)        DataCollatorForLanguageModeling over pre-framed ids (special mask given)
   HF collator (WWM)          the same with whole_word_mask=True and the tokenizer's offset mapping
 The same token ids feed every row: SentencePiece text encoded by a HuggingFace fast tokenizer built
@@ -20,7 +20,6 @@ mode finds words by gaps between token offsets; SentencePiece pieces carry their
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 import warnings
@@ -31,12 +30,10 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 import torch
+from synthetic import generate_text, train_tokenizer, write_text_dir
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from shard_fixtures import generate_text, make_shard_dir, train_tokenizer
-
-from data_pipeline.shard_format import CLS_ID, MASK_ID, PAD_ID, SEP_ID
-from training.data import PretrainLoader
+from data_pipeline.formats.text import CLS_ID, MASK_ID, PAD_ID, SEP_ID
+from training.data.text import text_loader
 from training.masking import (
     IGNORE_INDEX,
     MaskingConfig,
@@ -166,18 +163,10 @@ def hf_collator(hf: Any, examples: list[dict[str, list[int]]], whole_word: bool)
 
 
 def loader_rate(seq_len: int, seconds: float) -> tuple[float, float]:
-    """PretrainLoader end to end with no workers (one process) on a freshly written shard dir."""
+    """text_loader end to end with no workers (one process) on a freshly written shard dir."""
     with tempfile.TemporaryDirectory() as tmp:
-        data = make_shard_dir(
-            Path(tmp),
-            n_train=8192,
-            n_val=8,
-            n_shards=2,
-            seq_len=seq_len,
-            vocab_size=VOCAB,
-            chunk_sequences=4096,
-        )
-        loader = PretrainLoader(str(data), global_batch_size=BATCH, micro_batch_size=BATCH, num_workers=0)
+        data = write_text_dir(Path(tmp), samples=8192, seq_len=seq_len, vocab_size=VOCAB)
+        loader = text_loader(str(data), global_batch_size=BATCH, micro_batch_size=BATCH, num_workers=0)
         iterator = iter(loader)
 
         def step(_: int) -> Any:

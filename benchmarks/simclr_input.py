@@ -6,7 +6,7 @@
     python benchmarks/simclr_input.py --train-step --size 64 --batch 4   # the step row on CPU
 
 Rows (images/s; every image gives two views):
-  ours decode+2 crops            ImageBatchBuilder.train_batch on one core: tar read, JPEG decode
+  ours decode+2 crops            image_loader with no workers, on one core: tar read, JPEG decode
                                  (reduced scale where it allows), two random resized crops, uint8
   PIL per-image pipeline         decode, then per view: random resized crop, flip, colour jitter in a
                                  random order, grayscale, blur, to a normalised float tensor; one core
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import io
 import random
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,12 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_simclr import write_image_dir
+from synthetic import write_image_dir
 
 from training.simclr.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, augment, make_generator
-from training.simclr.images import CropConfig, make_image_builder, random_resized_crop_box
+from training.simclr.images import CropConfig, image_loader, random_resized_crop_box
 from training.simclr.lars import LARS, lars_param_groups
 from training.simclr.model import build_simclr
 
@@ -107,16 +104,19 @@ def torchvision_pipeline(size: int) -> Callable[[Image.Image], torch.Tensor] | N
 
 def cpu_rows(data_dir: str, args: argparse.Namespace) -> list[tuple[str, float]]:
     torch.set_num_threads(1)
-    _, builder = make_image_builder(data_dir, "train", args.size, 0, 4096, CropConfig())
-    count = builder.shard_samples.sum()
-    batch = min(args.batch, int(count))
-    epochs = iter(range(10**9))
+    count = args.images
+    batch = min(args.batch, count)
+    # One step per epoch when the batch is over half the images: each call, other images, other crops.
+    loader = image_loader(
+        data_dir, global_batch_size=batch, micro_batch_size=batch, image_size=args.size, num_workers=0
+    )
+    batches = iter(loader)
 
     def ours() -> int:
-        builder.train_batch(next(epochs), 0, batch)  # a new epoch: other images, other crops
+        next(batches)
         return batch
 
-    encoded = [builder.reader.read(0, index)[1] for index in range(int(count))]
+    encoded = [loader.source.reader.read(0, index)[1] for index in range(count)]
     rng, config = np.random.default_rng(0), AugmentConfig()
     library = torchvision_pipeline(args.size)
 
@@ -193,7 +193,7 @@ def main() -> None:
     random.seed(0)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as root:
-        write_image_dir(Path(root), {"train": [args.images]}, size=(args.width, 256), large_every=0)
+        write_image_dir(Path(root), args.images, args.width, 256)
         rows = cpu_rows(root, args) + device_rows(args)
     print(f"{'row':<48} {'images/s':>10}")
     for name, value in rows:

@@ -12,15 +12,9 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 
-from data_pipeline.shard_format import (
-    FORMAT_NAME,
-    MANIFEST_NAME,
-    SEP_ID,
-    SPECIAL_TOKENS,
-    Example,
-    file_sha256,
-    write_shard,
-)
+from data_pipeline.formats.location import file_sha256
+from data_pipeline.formats.manifest import FORMAT_NAME, MANIFEST_NAME
+from data_pipeline.formats.text import SEP_ID, SPECIAL_TOKENS, Example, write_shard
 
 _LETTERS = np.array(list("abcdefghijklmnopqrstuvwxyz"))
 

@@ -14,7 +14,8 @@ import torch
 from shard_fixtures import make_shard_dir
 
 from data_pipeline.errors import UserError
-from training.data import PretrainLoader, validation_batches
+from training.data.loader import StepLoader
+from training.data.text import text_loader, validation_batches
 from training.order import EpochOrder
 
 GLOBAL_BATCH = 24  # divisible by micro batch 2 x world sizes 1, 2, 3, 4
@@ -27,7 +28,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_shard_dir(tmp_path_factory.mktemp("loader"), n_train=500, n_val=90, n_shards=7, seq_len=48)
 
 
-def loader(data_dir: Path, rank: int = 0, world_size: int = 1, **options: Any) -> PretrainLoader:
+def loader(data_dir: Path, rank: int = 0, world_size: int = 1, **options: Any) -> StepLoader:
     settings: dict[str, Any] = {
         "global_batch_size": GLOBAL_BATCH,
         "micro_batch_size": MICRO_BATCH,
@@ -38,10 +39,10 @@ def loader(data_dir: Path, rank: int = 0, world_size: int = 1, **options: Any) -
         "window_samples": 64,
     }
     settings.update(options)
-    return PretrainLoader(str(data_dir), **settings)
+    return text_loader(str(data_dir), **settings)
 
 
-def run_steps(ranks: list[PretrainLoader], steps: int) -> list[list[dict[str, Any]]]:
+def run_steps(ranks: list[StepLoader], steps: int) -> list[list[dict[str, Any]]]:
     """Drive all ranks (simulated in one process) through optimizer steps; micro batches per rank."""
     iterators = [iter(rank) for rank in ranks]
     taken: list[list[dict[str, Any]]] = [[] for _ in ranks]
@@ -183,9 +184,9 @@ def test_seek_reads_only_the_shards_at_the_position(data_dir: Path) -> None:
     batch = next(iter(deep))
     paths = json.loads((data_dir / "manifest.json").read_text())["splits"]["train"]["shards"]
     wanted = {[s["path"] for s in paths].index(sample.split(":")[0]) for sample in batch["sample_ids"]}
-    assert set(deep.reader.indexes) == wanted
-    assert deep.reader.chunks_read <= MICRO_BATCH
-    order = deep._builder.order(3)
+    assert set(deep.source.reader.indexes) == wanted
+    assert deep.source.reader.chunks_read <= MICRO_BATCH
+    order = deep.order(3)
     assert set(order._windows) == wanted  # no window permutation built for earlier shards
     assert order.sample_ids(np.array([last_step * GLOBAL_BATCH]))[1].tolist() == [
         int(batch["sample_ids"][0].split(":")[1])
@@ -217,7 +218,7 @@ def test_validation_slices_are_equal_disjoint_and_fixed(data_dir: Path) -> None:
 
 def test_objective_none_has_no_sentence_label(tmp_path: Path) -> None:
     none_dir = make_shard_dir(tmp_path, n_train=64, n_val=8, n_shards=2, objective="none")
-    batch = next(iter(PretrainLoader(str(none_dir), global_batch_size=8, micro_batch_size=8, num_workers=0)))
+    batch = next(iter(text_loader(str(none_dir), global_batch_size=8, micro_batch_size=8, num_workers=0)))
     assert "next_sentence_label" not in batch and batch["input_ids"].shape == (8, 64)
 
 
@@ -305,8 +306,8 @@ def test_a_program_left_with_a_live_multi_worker_iterator_still_exits(tmp_path: 
     # Workers ignore SIGTERM (so a pre-empted rank can finish its step); exit must not wait on them.
     data = make_shard_dir(tmp_path)
     script = (
-        "import sys; from training.data import PretrainLoader\n"
-        f"loader = PretrainLoader({str(data)!r}, global_batch_size=8, micro_batch_size=4, num_workers=2)\n"
+        "import sys; from training.data.text import text_loader\n"
+        f"loader = text_loader({str(data)!r}, global_batch_size=8, micro_batch_size=4, num_workers=2)\n"
         "batches = iter(loader); next(batches); print('batch', flush=True)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)

@@ -8,7 +8,7 @@ import sentencepiece as spm
 from shard_fixtures import generate_text, make_examples, train_tokenizer
 
 from data_pipeline.errors import UserError
-from data_pipeline.shard_format import CLS_ID, MASK_ID, PAD_ID, SEP_ID, encode_chunk
+from data_pipeline.formats.text import CLS_ID, MASK_ID, PAD_ID, SEP_ID, encode_chunk
 from training.masking import (
     IGNORE_INDEX,
     MaskingConfig,

@@ -22,7 +22,9 @@ import yaml
 from PIL import Image, ImageEnhance
 
 from data_pipeline.errors import UserError
-from data_pipeline.shard_format import IMAGE_FORMAT_NAME, file_sha256
+from data_pipeline.formats.location import file_sha256
+from data_pipeline.formats.manifest import IMAGE_FORMAT_NAME
+from training.data.loader import StepLoader
 from training.simclr import SimCLRConfig, augment_config, build_model, build_optimizer
 from training.simclr.augment import (
     AugmentConfig,
@@ -38,9 +40,9 @@ from training.simclr.augment import (
 )
 from training.simclr.images import (
     CropConfig,
-    ImageLoader,
     decode_crops,
     image_eval_batches,
+    image_loader,
     random_resized_crop_box,
 )
 from training.simclr.knn import knn_accuracy, knn_scores
@@ -402,7 +404,7 @@ def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_image_dir(tmp_path_factory.mktemp("images"), {"train": [23, 17], "val": [9]})
 
 
-def _loader(image_dir: Path, **overrides: Any) -> ImageLoader:
+def _loader(image_dir: Path, **overrides: Any) -> StepLoader:
     options: dict[str, Any] = {
         "global_batch_size": 8,
         "micro_batch_size": 2,
@@ -411,10 +413,10 @@ def _loader(image_dir: Path, **overrides: Any) -> ImageLoader:
         "num_workers": 0,
     }
     options.update(overrides)
-    return ImageLoader(str(image_dir), **options)
+    return image_loader(str(image_dir), **options)
 
 
-def _take_steps(loader: ImageLoader, steps: int) -> list[dict[str, Any]]:
+def _take_steps(loader: StepLoader, steps: int) -> list[dict[str, Any]]:
     batches, stream = [], iter(loader)
     for _ in range(steps):
         batches += [next(stream) for _ in range(loader.grad_accum)]
@@ -424,7 +426,7 @@ def _take_steps(loader: ImageLoader, steps: int) -> list[dict[str, Any]]:
 
 def test_loader_gives_uint8_two_view_batches(image_dir: Path) -> None:
     loader = _loader(image_dir)
-    assert loader.steps_per_epoch == 5 and loader.grad_accum == 4 and loader.classes == CLASSES
+    assert loader.steps_per_epoch == 5 and loader.grad_accum == 4 and loader.source.classes == CLASSES
     batch = next(iter(loader))
     assert batch["view1"].shape == batch["view2"].shape == (2, 3, 16, 16)
     assert batch["view1"].dtype == torch.uint8 and batch["labels"].dtype == torch.int64

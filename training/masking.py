@@ -23,7 +23,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from data_pipeline.errors import UserError
-from data_pipeline.shard_format import CLS_ID, MASK_ID, PAD_ID, SEP_ID
+from data_pipeline.formats.text import CLS_ID, MASK_ID, PAD_ID, SEP_ID
 
 IGNORE_INDEX = -100
 # Ids the masker never selects and never draws as a random replacement (UNK is content: maskable).

@@ -1,12 +1,11 @@
-"""Two-view image loader for SimCLR: JPEG decode and random resized crops in DataLoader workers.
+"""Two-view image batches for SimCLR: JPEG decode and random resized crops in DataLoader workers.
 
-Reads the shards of ``pretrain prepare images`` (WebDataset samples ``KEY.jpg`` + optional
-``KEY.cls``) by random access: each shard is indexed once by scanning its tar headers, after which
-an image is one seek and one read. The epoch order, the split of a global batch over ranks and
-micro steps, the equal step count of every rank and the ``(epoch, position)`` state are those of
-the text loader (:mod:`training.order`, :class:`training.data.PretrainLoader`), so resuming at a
-step boundary gives the same next batches bit for bit, and resuming with another world size shares
-the rest of the epoch out anew.
+Reads the shards of ``pretrain prepare images`` by random access (:mod:`training.data.images`).
+The epoch order, the split of a global batch over ranks and micro steps, the equal step count of
+every rank and the ``(epoch, position)`` state are the step loader's
+(:class:`training.data.loader.StepLoader`), as for text, so resuming at a step boundary gives the
+same next batches bit for bit, and resuming with another world size shares the rest of the epoch
+out anew.
 
 Each image yields two crops (scale 0.08-1 of the area, aspect 3/4-4/3, as torchvision's
 ``RandomResizedCrop``) drawn from a generator keyed by ``(seed, epoch, global position)``, so a
@@ -20,11 +19,10 @@ from __future__ import annotations
 
 import io
 import math
-import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,14 +30,12 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from data_pipeline.errors import UserError
-from data_pipeline.shard_format import IMAGE_FORMAT_NAME, MANIFEST_NAME, ManifestError
-from training.data import PretrainLoader, _iterate, _ValidationStream
-from training.order import EpochOrder, make_partition, order_rng, sequential_ids, steps_per_epoch
-from training.shards import ShardReader, check_split, join_location, read_manifest, split_identity
+from data_pipeline.formats.manifest import split_identity
+from training.data.images import ImageReader, read_image_manifest
+from training.data.loader import StepLoader, check_eval_partition, eval_batches
+from training.order import make_partition, order_rng
 
 DEFAULT_IMAGE_WINDOW = 4096
-IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
-NO_LABEL = -1
 _CROP_STREAM = 16  # distinct from training.order's streams
 Box = tuple[float, float, float, float]
 """``(left, top, right, bottom)`` in pixels of the full-size image."""
@@ -150,122 +146,37 @@ def decode_crops(
 
 
 @dataclass
-class _ImageMembers:
-    """Where the images of one shard lie, in tar order, and their labels."""
-
-    keys: list[str]
-    offsets: NDArray[np.int64]
-    sizes: NDArray[np.int64]
-    labels: NDArray[np.int64]
-
-
-def _member_key(name: str) -> tuple[str, str]:
-    """WebDataset's split of a member name into key and suffix (at the first dot of the base name)."""
-    folder, _, base = name.rpartition("/")
-    stem, _, suffix = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), suffix.lower()
-
-
-def _parse_label(handle: IO[bytes], member: tarfile.TarInfo, location: str) -> int:
-    handle.seek(member.offset_data)
-    text = handle.read(min(member.size, 32)).decode("ascii", errors="replace").strip()
-    if not text.isdigit():
-        raise UserError(f"shard {location}: {member.name} holds {text!r}, not a class index")
-    return int(text)
-
-
-def index_image_shard(handle: IO[bytes], location: str) -> _ImageMembers:
-    """Scan a shard's tar headers: offset and size of each image, label from its ``.cls`` (or -1)."""
-    images: dict[str, tarfile.TarInfo] = {}
-    labels: dict[str, tarfile.TarInfo] = {}
-    try:
-        with tarfile.open(fileobj=handle, mode="r:") as tar:
-            members = [member for member in tar if member.isfile()]
-    except (tarfile.TarError, EOFError) as error:
-        raise UserError(f"shard {location}: not a readable tar ({error})") from error
-    for member in members:
-        key, suffix = _member_key(member.name)
-        if suffix in IMAGE_SUFFIXES:
-            if key in images:
-                raise UserError(f"shard {location}: sample {key!r} has more than one image")
-            images[key] = member
-        elif suffix == "cls":
-            labels[key] = member
-    keys = list(images)  # tar order: the order the image job wrote (already shuffled)
-    return _ImageMembers(
-        keys,
-        np.array([images[key].offset_data for key in keys], dtype=np.int64),
-        np.array([images[key].size for key in keys], dtype=np.int64),
-        np.array(
-            [_parse_label(handle, labels[key], location) if key in labels else NO_LABEL for key in keys],
-            dtype=np.int64,
-        ),
-    )
-
-
-class ImageShardReader(ShardReader):
-    """Random access to single images of a split's shards (file handles shared with ShardReader)."""
-
-    def index(self, shard: int) -> _ImageMembers:  # type: ignore[override]
-        """The image index of a shard (built on first use, then kept)."""
-        if shard not in self.indexes:
-            members = index_image_shard(self._handle(shard), self.locations[shard])
-            if len(members.keys) != self.expected[shard]:
-                raise UserError(
-                    f"shard {self.locations[shard]}: {self.expected[shard]} samples in manifest, "
-                    f"{len(members.keys)} images in file"
-                )
-            self.indexes[shard] = members  # type: ignore[assignment]
-        return self.indexes[shard]  # type: ignore[return-value]
-
-    def read(self, shard: int, sample: int) -> tuple[str, bytes, int]:
-        """``(name, encoded bytes, label)`` of image ``sample`` of a shard."""
-        members, handle = self.index(shard), self._handle(shard)
-        handle.seek(int(members.offsets[sample]))
-        name = f"{self.locations[shard]}:{members.keys[sample]}"
-        return name, handle.read(int(members.sizes[sample])), int(members.labels[sample])
-
-
-def read_image_manifest(data_dir: str, split: str) -> dict[str, Any]:
-    """The manifest of an image data directory (local path or URL), with ``split`` checked."""
-    manifest = read_manifest(str(data_dir), IMAGE_FORMAT_NAME)
-    source = join_location(str(data_dir), MANIFEST_NAME)
-    if not isinstance(manifest["classes"], list):
-        raise ManifestError(
-            f"manifest {source}: classes must be a list of names, got {manifest['classes']!r}"
-        )
-    check_split(manifest, source, split)
-    return manifest
-
-
-@dataclass
-class ImageBatchBuilder:
-    """Turns global positions into uint8 view batches (picklable: sent to DataLoader workers)."""
+class ImageSource:
+    """One split of image shards as two-view or central-crop batches (a ``BatchSource``)."""
 
     data_dir: str
-    shards: list[dict[str, Any]]
+    manifest: dict[str, Any]
+    split: str
     image_size: int
     seed: int
     window_samples: int
     crop: CropConfig = CropConfig()
     eval_crop_fraction: float = 0.875
-    reader: ImageShardReader = field(init=False)
-    _orders: dict[int, EpochOrder] = field(init=False, default_factory=dict)
+    shard_samples: NDArray[np.int64] = field(init=False)
+    identity: str = field(init=False)
+    reader: ImageReader = field(init=False)
 
     def __post_init__(self) -> None:
-        self.reader = ImageShardReader(self.data_dir, self.shards, self.window_samples)
-        self.shard_samples = np.array([shard["samples"] for shard in self.shards], dtype=np.int64)
+        shards = self.manifest["splits"][self.split]["shards"]
+        self.reader = ImageReader(self.data_dir, shards)
+        self.shard_samples = np.array([shard["samples"] for shard in shards], dtype=np.int64)
+        self.identity = split_identity(self.manifest, self.split)
 
-    def order(self, epoch: int) -> EpochOrder:
-        """The epoch's order (the previous epoch's is dropped)."""
-        if epoch not in self._orders:
-            self._orders = {epoch: EpochOrder(self.shard_samples, self.seed, epoch, self.window_samples)}
-        return self._orders[epoch]
+    @property
+    def classes(self) -> list[str]:
+        """Class names of the labels (empty for unlabelled images)."""
+        return list(self.manifest.get("classes", []))
 
-    def train_batch(self, epoch: int, first: int, count: int) -> dict[str, Any]:
-        """Two random crops of each image at positions ``first...first+count-1`` of the epoch's order."""
-        positions = np.arange(first, first + count, dtype=np.int64)
-        shards, samples = self.order(epoch).sample_ids(positions)
+    def train_batch(
+        self, epoch: int, positions: NDArray[np.int64], shards: NDArray[np.int64], samples: NDArray[np.int64]
+    ) -> dict[str, Any]:
+        """Two random crops of each image, drawn by ``(seed, epoch, position)``."""
+        count = len(positions)
         views = np.empty((count, 2, self.image_size, self.image_size, 3), dtype=np.uint8)
         labels, names = np.empty(count, dtype=np.int64), []
         for row, (position, shard, sample) in enumerate(zip(positions, shards, samples)):
@@ -282,14 +193,15 @@ class ImageBatchBuilder:
             "sample_ids": names,
         }
 
-    def validation_batch(self, first: int, count: int) -> dict[str, Any]:
-        """The central crop of images ``first...`` in manifest order (for kNN and evaluation)."""
-        shards, samples = sequential_ids(self.shard_samples, np.arange(first, first + count, dtype=np.int64))
-        images = np.empty((count, self.image_size, self.image_size, 3), dtype=np.uint8)
-        labels, names = np.empty(count, dtype=np.int64), []
+    def validation_batch(
+        self, positions: NDArray[np.int64], shards: NDArray[np.int64], samples: NDArray[np.int64]
+    ) -> dict[str, Any]:
+        """The central crop of each image (for kNN and evaluation)."""
+        images = np.empty((len(positions), self.image_size, self.image_size, 3), dtype=np.uint8)
+        labels, names = np.empty(len(positions), dtype=np.int64), []
+        central = partial(_central_box, self.eval_crop_fraction)
         for row, (shard, sample) in enumerate(zip(shards, samples)):
             name, data, labels[row] = self.reader.read(int(shard), int(sample))
-            central = partial(_central_box, self.eval_crop_fraction)
             images[row] = decode_crops(data, central, self.image_size, name)[0]
             names.append(name)
         return {
@@ -299,7 +211,7 @@ class ImageBatchBuilder:
         }
 
 
-def make_image_builder(
+def image_source(
     data_dir: str,
     split: str,
     image_size: int,
@@ -307,8 +219,8 @@ def make_image_builder(
     window_samples: int,
     crop: CropConfig,
     eval_crop_fraction: float = 0.875,
-) -> tuple[dict[str, Any], ImageBatchBuilder]:
-    """Read and check the manifest and options; return the manifest and a batch builder."""
+) -> ImageSource:
+    """Read and check the manifest and options of an image data directory; return the split's source."""
     for name, value in (("image_size", image_size), ("window_samples", window_samples)):
         if not isinstance(value, int) or value < 1:
             raise UserError(f"{name} must be a positive integer, got {value!r}")
@@ -318,25 +230,27 @@ def make_image_builder(
         raise UserError(f"eval_crop_fraction must be in (0, 1], got {eval_crop_fraction!r}")
     crop.validate()
     manifest = read_image_manifest(str(data_dir), split)
-    builder = ImageBatchBuilder(
-        str(data_dir),
-        manifest["splits"][split]["shards"],
-        image_size,
-        seed,
-        window_samples,
-        crop,
-        eval_crop_fraction,
-    )
-    return manifest, builder
+    return ImageSource(str(data_dir), manifest, split, image_size, seed, window_samples, crop, eval_crop_fraction)
 
 
-class ImageLoader(PretrainLoader):
-    """Two-view uint8 micro batches of one rank, epoch after epoch, resumable at step boundaries.
+def image_loader(
+    data_dir: str,
+    *,
+    split: str = "train",
+    global_batch_size: int,
+    micro_batch_size: int,
+    image_size: int = 224,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    crop: CropConfig | None = None,
+    num_workers: int = 4,
+    window_samples: int = DEFAULT_IMAGE_WINDOW,
+) -> StepLoader[ImageSource]:
+    """The resumable loader of two-view uint8 micro batches of one rank.
 
-    Iteration, ``step_done``, ``state_dict`` and ``load_state_dict`` are the text loader's (same
-    state keys and checks); only the batch builder differs. Each batch is a dict with ``view1``
-    and ``view2`` (m, 3, S, S) uint8, ``labels`` (m,) int64 (-1 when unlabelled) and
-    ``sample_ids`` (``shard:key``).
+    Each batch is a dict with ``view1`` and ``view2`` (m, 3, S, S) uint8, ``labels`` (m,) int64
+    (-1 when unlabelled) and ``sample_ids`` (``shard:key``).
 
     Args:
         data_dir: Directory (or URL) holding ``manifest.json`` of ``pretrain prepare images``.
@@ -351,35 +265,9 @@ class ImageLoader(PretrainLoader):
         num_workers: DataLoader processes decoding images. Defaults to 4.
         window_samples: Shuffle window within a shard, in images. Defaults to 4096.
     """
-
-    def __init__(
-        self,
-        data_dir: str,
-        *,
-        split: str = "train",
-        global_batch_size: int,
-        micro_batch_size: int,
-        image_size: int = 224,
-        rank: int = 0,
-        world_size: int = 1,
-        seed: int = 0,
-        crop: CropConfig | None = None,
-        num_workers: int = 4,
-        window_samples: int = DEFAULT_IMAGE_WINDOW,
-    ) -> None:
-        # The parent's constructor reads a text manifest and tokenizer; set the same fields here.
-        self._partition = make_partition(global_batch_size, micro_batch_size, world_size, rank)
-        self.manifest, self._builder = make_image_builder(  # type: ignore[assignment]
-            data_dir, split, image_size, seed, window_samples, crop or CropConfig()
-        )
-        self.split, self.seed, self.num_workers = split, seed, num_workers
-        self.image_size = image_size
-        self.classes: list[str] = list(self.manifest.get("classes", []))
-        self.grad_accum: int = self._partition.grad_accum
-        self.samples_per_epoch: int = self.manifest["splits"][split]["samples"]
-        self.steps_per_epoch: int = steps_per_epoch(self.samples_per_epoch, global_batch_size, split)
-        self._identity = split_identity(self.manifest, split)
-        self._epoch, self._step = 0, 0
+    partition = make_partition(global_batch_size, micro_batch_size, world_size, rank)
+    source = image_source(data_dir, split, image_size, seed, window_samples, crop or CropConfig())
+    return StepLoader(source, partition, split=split, seed=seed, num_workers=num_workers)
 
 
 def image_eval_batches(
@@ -411,18 +299,15 @@ def image_eval_batches(
         max_batches: Stop after this many batches. Defaults to None (the whole slice).
         num_workers: DataLoader worker processes. Defaults to 0.
     """
-    make_partition(micro_batch_size * world_size, micro_batch_size, world_size, rank)
-    manifest, builder = make_image_builder(
-        data_dir, split, image_size, 0, DEFAULT_IMAGE_WINDOW, CropConfig(), eval_crop_fraction
+    check_eval_partition(micro_batch_size, rank, world_size)
+    source = image_source(data_dir, split, image_size, 0, DEFAULT_IMAGE_WINDOW, CropConfig(), eval_crop_fraction)
+    total = int(source.shard_samples.sum())
+    yield from eval_batches(
+        source,
+        micro_batch_size=micro_batch_size,
+        rank=rank,
+        world_size=world_size,
+        max_batches=max_batches,
+        num_workers=num_workers,
+        too_few=f"split {split!r} of {data_dir} holds {total} images, fewer than world size {world_size}",
     )
-    per_rank = manifest["splits"][split]["samples"] // world_size
-    if per_rank < 1:
-        raise UserError(
-            f"split {split!r} of {data_dir} holds {manifest['splits'][split]['samples']} images, "
-            f"fewer than world size {world_size}"
-        )
-    stream = _ValidationStream(builder, rank * per_rank, per_rank, micro_batch_size)  # type: ignore[arg-type]
-    for number, batch in enumerate(_iterate(stream, num_workers)):
-        if max_batches is not None and number >= max_batches:
-            return
-        yield batch

@@ -1,0 +1,1 @@
+"""Resumable pre-training loaders: one step loader over text and image batch sources."""

@@ -1,0 +1,248 @@
+"""Text batches for BERT pre-training: chunks framed and dynamically masked, behind the step loader.
+
+Batches are padded to the manifest's ``seq_len`` (a fixed shape). Masks are keyed by each sample's
+global position (:mod:`training.masking`), so they do not depend on world size or worker count.
+
+Reading cost: every process (rank x worker) decodes the chunks of the shuffle windows its micro
+batches fall in, so a window's chunks are decoded up to ``world_size * num_workers`` times in all;
+with 4096-sequence chunks and 16384-sample windows that is a few MB per process per window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import sentencepiece as spm
+import torch
+from numpy.typing import NDArray
+
+from data_pipeline.errors import UserError
+from data_pipeline.formats.location import join_location, open_binary
+from data_pipeline.formats.manifest import check_manifest, read_manifest, split_identity
+from training.data.chunks import ChunkReader
+from training.data.loader import StepLoader, check_eval_partition, eval_batches
+from training.masking import (
+    MaskingConfig,
+    frame_examples,
+    mask_batch,
+    mask_key,
+    special_table,
+    word_start_table_from_processor,
+)
+from training.order import DEFAULT_WINDOW_SAMPLES, make_partition
+
+TRAIN_MASK_STREAM, VALIDATION_MASK_STREAM = 0, 1
+
+
+def load_word_starts(data_dir: str, manifest: dict[str, Any]) -> NDArray[np.bool_]:
+    """The word-start table of the manifest's tokenizer, after checking its size and sha256."""
+    info = manifest["tokenizer"]
+    location = join_location(data_dir, info["path"])
+    try:
+        with open_binary(location) as stream:
+            model = stream.read()
+    except OSError as error:
+        raise UserError(f"tokenizer {location}: cannot read ({error})") from error
+    if info.get("sha256") and hashlib.sha256(model).hexdigest() != info["sha256"]:
+        raise UserError(f"tokenizer {location}: sha256 differs from the manifest's {info['sha256']}")
+    try:
+        processor = spm.SentencePieceProcessor(model_proto=model)
+    except RuntimeError as error:
+        raise UserError(f"tokenizer {location}: not a SentencePiece model ({error})") from error
+    if processor.get_piece_size() != info["vocab_size"]:
+        raise UserError(
+            f"tokenizer {location}: {processor.get_piece_size()} pieces, manifest vocab_size {info['vocab_size']}"
+        )
+    return word_start_table_from_processor(processor)
+
+
+@dataclass
+class TextSource:
+    """One split of text shards as masked micro batches (a :class:`~training.data.loader.BatchSource`)."""
+
+    data_dir: str
+    manifest: dict[str, Any]
+    split: str
+    word_starts: NDArray[np.bool_]
+    masking: MaskingConfig
+    seed: int
+    window_samples: int
+    shards: list[dict[str, Any]] = field(init=False)
+    shard_samples: NDArray[np.int64] = field(init=False)
+    identity: str = field(init=False)
+    reader: ChunkReader = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.shards = self.manifest["splits"][self.split]["shards"]
+        self.reader = ChunkReader(self.data_dir, self.shards, self.window_samples)
+        self.never_masked = special_table(len(self.word_starts))
+        self.shard_samples = np.array([shard["samples"] for shard in self.shards], dtype=np.int64)
+        self.identity = split_identity(self.manifest, self.split)
+
+    @property
+    def vocab_size(self) -> int:
+        """The tokenizer's vocabulary size."""
+        return int(self.manifest["tokenizer"]["vocab_size"])
+
+    @property
+    def seq_len(self) -> int:
+        """Padded sequence length, framing included."""
+        return int(self.manifest["seq_len"])
+
+    @property
+    def objective(self) -> str:
+        """The sentence task of the data: ``nsp``, ``sop`` or ``none``."""
+        return str(self.manifest["objective"])
+
+    def train_batch(
+        self, epoch: int, positions: NDArray[np.int64], shards: NDArray[np.int64], samples: NDArray[np.int64]
+    ) -> dict[str, Any]:
+        """Masked micro batch of the given samples, masks keyed by ``(seed, epoch, position)``."""
+        return self.build(positions, shards, samples, mask_key(self.seed, epoch, TRAIN_MASK_STREAM))
+
+    def validation_batch(
+        self, positions: NDArray[np.int64], shards: NDArray[np.int64], samples: NDArray[np.int64]
+    ) -> dict[str, Any]:
+        """Masked batch of validation samples with the fixed validation mask key."""
+        return self.build(positions, shards, samples, mask_key(self.seed, 0, VALIDATION_MASK_STREAM))
+
+    def build(
+        self,
+        positions: NDArray[np.int64],
+        shards: NDArray[np.int64],
+        samples: NDArray[np.int64],
+        key: np.uint64,
+    ) -> dict[str, Any]:
+        """Read, frame, check, mask and convert to tensors."""
+        count = len(positions)
+        input_ids = np.empty((count, self.seq_len), dtype=np.int64)
+        token_types, attention = np.empty_like(input_ids), np.empty_like(input_ids)
+        labels = np.empty(count, dtype=np.int64)
+        for rows, chunk, local in self.reader.locate(shards, samples):
+            seqs = chunk.seqs[local].astype(np.int64)  # (rows, 3): len_a, len_b, label
+            self._check_lengths(seqs, shards[rows[0]], chunk.key)
+            framed = frame_examples(chunk.tokens, chunk.offsets[local], seqs[:, 0], seqs[:, 1], self.seq_len)
+            input_ids[rows], token_types[rows], attention[rows] = (
+                framed.input_ids,
+                framed.token_type_ids,
+                framed.attention_mask,
+            )
+            labels[rows] = seqs[:, 2]
+        self._check_ids(input_ids, shards, samples)
+        masked, mlm_labels = mask_batch(input_ids, positions, key, self.word_starts, self.never_masked, self.masking)
+        batch: dict[str, Any] = {
+            "input_ids": torch.from_numpy(masked),
+            "token_type_ids": torch.from_numpy(token_types),
+            "attention_mask": torch.from_numpy(attention),
+            "labels": torch.from_numpy(mlm_labels),
+        }
+        if self.objective != "none":
+            batch["next_sentence_label"] = torch.from_numpy(labels)
+        batch["sample_ids"] = [f"{self.shards[s]['path']}:{i}" for s, i in zip(shards.tolist(), samples.tolist())]
+        return batch
+
+    def _check_lengths(self, seqs: NDArray[np.int64], shard: int, chunk_key: str) -> None:
+        framed = seqs[:, 0] + seqs[:, 1] + np.where(seqs[:, 1] > 0, 3, 2)
+        if framed.max() > self.seq_len:
+            raise UserError(
+                f"shard {self.shards[shard]['path']} chunk {chunk_key}: a sequence of {int(framed.max())} tokens "
+                f"with framing exceeds the manifest seq_len {self.seq_len}"
+            )
+
+    def _check_ids(self, input_ids: NDArray[np.int64], shards: NDArray[np.int64], samples: NDArray[np.int64]) -> None:
+        if input_ids.max() >= len(self.word_starts):
+            row = int(np.argmax(input_ids.max(axis=1) >= len(self.word_starts)))
+            raise UserError(
+                f"sample {self.shards[shards[row]]['path']}:{samples[row]} holds token id {int(input_ids[row].max())}, "
+                f"outside the tokenizer's vocabulary of {len(self.word_starts)}"
+            )
+
+
+def text_source(data_dir: str, split: str, seed: int, masking: MaskingConfig, window_samples: int) -> TextSource:
+    """Read and check the manifest and tokenizer of a text data directory; return the split's source."""
+    masking.validate()
+    if not isinstance(seed, int) or seed < 0:
+        raise UserError(f"seed must be a non-negative integer, got {seed!r}")
+    if not isinstance(window_samples, int) or window_samples < 1:
+        raise UserError(f"window_samples must be a positive integer, got {window_samples!r}")
+    data_dir = str(data_dir)
+    manifest = read_manifest(data_dir)
+    check_manifest(manifest, data_dir, split)
+    return TextSource(data_dir, manifest, split, load_word_starts(data_dir, manifest), masking, seed, window_samples)
+
+
+def text_loader(
+    data_dir: str,
+    *,
+    split: str = "train",
+    global_batch_size: int,
+    micro_batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    masking: MaskingConfig | None = None,
+    num_workers: int = 2,
+    window_samples: int = DEFAULT_WINDOW_SAMPLES,
+) -> StepLoader[TextSource]:
+    """The resumable loader of masked text micro batches of one rank.
+
+    Args:
+        data_dir: Directory (or URL) holding ``manifest.json``.
+        split: Manifest split. Defaults to "train".
+        global_batch_size: Samples per optimizer step over all ranks (kept fixed across resumes).
+        micro_batch_size: Samples per forward pass of one rank.
+        rank: This rank. Defaults to 0.
+        world_size: Number of ranks. Defaults to 1.
+        seed: Order and masking seed. Defaults to 0.
+        masking: Masking probabilities. Defaults to ``MaskingConfig()``.
+        num_workers: DataLoader worker processes (0: build batches in this process). Defaults to 2.
+        window_samples: Shuffle window within a shard, in samples. Defaults to 16384.
+    """
+    partition = make_partition(global_batch_size, micro_batch_size, world_size, rank)
+    source = text_source(data_dir, split, seed, masking or MaskingConfig(), window_samples)
+    return StepLoader(source, partition, split=split, seed=seed, num_workers=num_workers)
+
+
+def validation_batches(
+    data_dir: str,
+    *,
+    micro_batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    masking: MaskingConfig | None = None,
+    max_batches: int | None = None,
+    num_workers: int = 0,
+) -> Iterator[dict[str, Any]]:
+    """The ``val`` split once, in manifest order with a fixed mask seed; each rank its own slice.
+
+    Every rank gets ``samples // world_size`` samples (the remainder, fewer than ``world_size``, is
+    left out) and so the same number of micro batches; the last may be smaller than
+    ``micro_batch_size``.
+
+    Args:
+        data_dir: Directory (or URL) holding ``manifest.json``.
+        micro_batch_size: Samples per batch.
+        rank: This rank. Defaults to 0.
+        world_size: Number of ranks. Defaults to 1.
+        seed: Masking seed. Defaults to 0.
+        masking: Masking probabilities. Defaults to ``MaskingConfig()``.
+        max_batches: Stop after this many batches. Defaults to None (the whole slice).
+        num_workers: DataLoader worker processes. Defaults to 0.
+    """
+    check_eval_partition(micro_batch_size, rank, world_size)
+    source = text_source(data_dir, "val", seed, masking or MaskingConfig(), DEFAULT_WINDOW_SAMPLES)
+    total = int(source.shard_samples.sum())
+    yield from eval_batches(
+        source,
+        micro_batch_size=micro_batch_size,
+        rank=rank,
+        world_size=world_size,
+        max_batches=max_batches,
+        num_workers=num_workers,
+        too_few=f"split 'val' of {data_dir} holds {total} samples, fewer than world size {world_size}",
+    )
