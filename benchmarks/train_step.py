@@ -23,10 +23,9 @@ import torch
 import transformers
 from torch import nn
 
+from training.dtypes import DTYPES
 from training.flops import bert_train_flops_per_sequence, mfu, peak_flops
 from training.models.bert import BertConfig, BertForPreTraining, bert_config
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def make_batch(

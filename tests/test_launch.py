@@ -13,7 +13,7 @@ from test_trainer import REPO, TIMEOUT_S, child_env, free_port, train_args
 
 from data_pipeline.errors import UserError
 from launch.hostfile import hostfile_lines, main, parse_host_list, slurm_hosts_and_slots
-from training.data import PretrainLoader
+from training.data.text import text_loader
 
 
 def test_hostfile_lines_from_a_host_list() -> None:
@@ -76,6 +76,6 @@ def test_two_nodes_no_ssh_share_the_samples_exactly_once(tmp_path: Path) -> None
     assert len(traces[0]) == len(traces[1]) == steps * 16 // 2
     assert not set(traces[0]) & set(traces[1])
     # What the steps should consume: the loader's global order for world size 1 (global batch 16, micro 4).
-    loader = PretrainLoader(str(data), global_batch_size=16, micro_batch_size=4, seed=1234, num_workers=0)
+    loader = text_loader(str(data), global_batch_size=16, micro_batch_size=4, seed=1234, num_workers=0)
     expected = [i for batch in itertools.islice(loader, steps * loader.grad_accum) for i in batch["sample_ids"]]
     assert sorted(traces[0] + traces[1]) == sorted(expected) and len(set(expected)) == len(expected)

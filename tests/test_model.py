@@ -1,4 +1,4 @@
-"""The BERT model against transformers' BERT, its options, the model registry and the FLOP/MFU math."""
+"""The BERT model against transformers' BERT, its options and the FLOP/MFU math."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from torch import nn
 
 from data_pipeline.errors import UserError
 from training.flops import bert_train_flops_per_sequence, mfu, peak_flops, peak_flops_for_gpu
-from training.models import MODEL_BUILDERS, build_model, register_model
 from training.models.bert import (
     BERT_SIZES,
     BertConfig,
@@ -238,15 +237,6 @@ def test_bert_config_bad_fields_are_named() -> None:
         bert_config("tiny", 100, hidden_size=100, num_attention_heads=3)
     with pytest.raises(ModelConfigError, match="hidden_act 'swish'"):
         bert_config("tiny", 100, hidden_act="swish")
-
-
-def test_registry_builds_bert_and_refuses_duplicates_and_unknown_names() -> None:
-    model = build_model("bert", size="tiny", vocab_size=VOCAB)
-    assert isinstance(model, BertForPreTraining) and model.config.hidden_size == 128
-    with pytest.raises(ValueError, match="model 'bert' registered twice"):
-        register_model("bert", MODEL_BUILDERS["bert"])
-    with pytest.raises(UserError, match="unknown model 'gpt'; registered: bert"):
-        build_model("gpt")
 
 
 def test_train_flops_equal_a_count_of_the_model_weights() -> None:

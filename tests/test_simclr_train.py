@@ -20,13 +20,13 @@ from safetensors.torch import load_file
 
 from data_pipeline.errors import UserError
 from training.checkpoint import read_trainer_state
-from training.config import config_from_dict, load_config, objective_of
+from training.config import config_from_dict, load_config, method_of
 from training.finetune.config import load_finetune_config
 from training.finetune.images import ImageTaskModel, fold_feature_norm, freeze_image_model
 from training.finetune.subsets import class_balanced_subset
+from training.methods.simclr import check_deepspeed_for_lars, has_knn_data
 from training.metrics import metrics_by_step, read_metrics
 from training.models.resnet import resnet
-from training.objectives.simclr import check_deepspeed_for_lars, has_knn_data
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 600
@@ -301,9 +301,9 @@ def test_class_balanced_subset_is_balanced_deterministic_and_nested() -> None:
 
 def test_simclr_section_selects_the_objective_and_survives_config_yaml() -> None:
     config = load_config(REPO / "configs" / "simclr-tiny.yaml")
-    assert objective_of(config) == "simclr" and config.simclr.depth == 18
-    assert objective_of(load_config(REPO / "configs" / "bert-tiny.yaml")) == "bert"
-    assert objective_of(config_from_dict({"simclr": None})) == "bert"
+    assert method_of(config) == "simclr" and config.simclr.depth == 18
+    assert method_of(load_config(REPO / "configs" / "bert-tiny.yaml")) == "bert"
+    assert method_of(config_from_dict({"simclr": None})) == "bert"
     with pytest.raises(UserError, match=r"simclr.temprature: unknown key"):
         config_from_dict({"simclr": {"temprature": 0.5}})
 

@@ -10,6 +10,7 @@ protocol makes a crash at any moment harmless:
 
 Resume only ever uses tags that hold ``COMPLETE``; folders without it are leftovers of an interrupted save
 and are deleted. The pointer has the name and content (the tag) DeepSpeed's own tools expect.
+:class:`training.checkpoint_manager.CheckpointManager` runs these steps; this module holds the files.
 """
 
 from __future__ import annotations
@@ -88,6 +89,26 @@ def latest_complete(checkpoint_dir: Path) -> Path | None:
     """
     tags = complete_tags(checkpoint_dir)
     return checkpoint_dir / tags[-1] if tags else None
+
+
+def find_resume_tag(resume: str, checkpoint_dir: Path) -> Path | None:
+    """The tag folder ``--resume`` selects, or None to start fresh.
+
+    Args:
+        resume: ``auto`` (the newest complete tag of ``checkpoint_dir``, if any), ``never``, or a tag folder.
+        checkpoint_dir: This run's checkpoint folder.
+
+    Raises:
+        UserError: A PATH that is not a complete checkpoint.
+    """
+    if resume == "never":
+        return None
+    if resume == "auto":
+        return latest_complete(checkpoint_dir)
+    path = Path(resume)
+    if not is_complete(path):
+        raise UserError(f"--resume {resume}: not a complete checkpoint tag folder (no {COMPLETE_MARKER})")
+    return path
 
 
 def remove_incomplete(checkpoint_dir: Path) -> list[str]:

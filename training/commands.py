@@ -6,7 +6,7 @@ torchrun --nproc_per_node 8 -m training --config configs/bert-base.yaml --data D
 pretrain train --config configs/simclr-tiny.yaml --data IMAGE_SHARDS --run-dir runs/simclr-tiny
 deepspeed --num_gpus 2 --module training --config configs/simclr-resnet18.yaml --data IMAGE_SHARDS --run-dir runs/r18
 
-The objective follows the config: a ``simclr:`` section trains SimCLR on `pretrain prepare images` shards,
+The method follows the config: a ``simclr:`` section trains SimCLR on `pretrain prepare images` shards,
 otherwise BERT trains on `pretrain prepare text` shards.
 """
 

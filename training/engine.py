@@ -7,7 +7,6 @@ import atexit
 import contextlib
 import io
 import os
-import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,8 @@ import torch.distributed as dist
 
 from data_pipeline.errors import UserError
 
-# Environment a launcher (deepspeed, torchrun, srun wrappers) sets for each rank. Without one the run is a
-# single process and these defaults apply.
+# Environment a launcher (deepspeed, torchrun, srun wrappers) sets for each rank, MASTER_PORT included.
+# Without one the run is a single process and these defaults apply; it needs no port (see setup_distributed).
 RANK_ENV_DEFAULTS = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
 
 
@@ -39,27 +38,19 @@ class DistEnv:
         return self.rank == 0
 
 
-def free_port() -> int:
-    """A TCP port that is free on this host right now (for a single-process rendezvous)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _remove_quietly(path: str) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
 
 
 def setup_distributed() -> DistEnv:
-    """Join the process group from RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* (defaults: a single process).
+    """Join the process group from RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* (none set: a single process).
 
     NCCL on CUDA, gloo on CPU. Works the same under the DeepSpeed launcher, torchrun or no launcher.
     """
     launched = "WORLD_SIZE" in os.environ
     for key, value in RANK_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,7 +10,8 @@ import torch
 
 from data_pipeline.errors import UserError
 from training.config import zero_stage
-from training.objectives.base import MicroStep, ObjectiveContext
+from training.data.loader import StepLoader
+from training.methods.base import MethodContext, MicroStep, stack_sums
 from training.simclr import (
     SimCLRConfig,
     augment,
@@ -19,11 +21,13 @@ from training.simclr import (
     make_generator,
 )
 from training.simclr.augment import AugmentConfig
-from training.simclr.images import CropConfig, ImageLoader, image_eval_batches
+from training.simclr.images import CropConfig, ImageSource, image_eval_batches, image_loader
 from training.simclr.knn import collect_features, knn_accuracy
 
 # The architecture fields of the simclr: section: a checkpoint resumes only with the same values.
 ARCHITECTURE_FIELDS = ("depth", "cifar_stem", "projection_hidden_dim", "projection_dim")
+SUM_NAMES = ("loss", "pos_acc")
+"""What a micro-batch adds up: NT-Xent loss and the share of views whose positive scores highest."""
 
 
 def check_deepspeed_for_lars(ds_config: dict[str, Any]) -> None:
@@ -57,18 +61,19 @@ def model_config_of(section: SimCLRConfig, feature_dim: int) -> dict[str, Any]:
 
 
 @dataclass
-class SimCLRObjective:
-    """SimCLR on image shards; see :class:`training.objectives.base.Objective`."""
+class SimCLRMethod:
+    """SimCLR on image shards; see :class:`training.methods.base.Method`."""
 
-    context: ObjectiveContext
+    context: MethodContext
     section: SimCLRConfig
-    loader: ImageLoader
+    loader: StepLoader[ImageSource]
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer | None
     augmentation: AugmentConfig
     name: str = "simclr"
     data_fingerprint: str | None = None
     progress_keys: tuple[str, ...] = ("loss", "pos_acc", "lr", "images_per_s")
+    sum_names: tuple[str, ...] = SUM_NAMES
 
     @property
     def model_config(self) -> dict[str, Any]:
@@ -81,11 +86,11 @@ class SimCLRObjective:
         view1 = augment(batch["view1"].to(env.device, non_blocking=True), self.augmentation, generator)
         view2 = augment(batch["view2"].to(env.device, non_blocking=True), self.augmentation, generator)
         output = engine(view1, view2)
-        sums = torch.stack([output.loss.detach().double(), output.accuracy.double()])  # loss, pos_acc
+        sums = stack_sums(SUM_NAMES, {"loss": output.loss, "pos_acc": output.accuracy})
         return MicroStep(output.loss, sums, 0, int(batch["view1"].shape[0]))
 
-    def step_metrics(self, sums: torch.Tensor, micro_batches: int) -> dict[str, float]:
-        return {"loss": float(sums[0] / micro_batches), "pos_acc": float(sums[1] / micro_batches)}
+    def step_metrics(self, sums: Mapping[str, float], micro_batches: int) -> dict[str, float]:
+        return {name: sums[name] / micro_batches for name in SUM_NAMES}
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) -> float on the device, normalised as the augmentation's output is."""
@@ -96,7 +101,7 @@ class SimCLRObjective:
 
     def evaluate(self, engine: Any) -> dict[str, float]:
         """kNN accuracy of val images against a memory bank of train features (empty without labels/val)."""
-        if not has_knn_data(self.loader.manifest, self.context.env.world_size):
+        if not has_knn_data(self.loader.source.manifest, self.context.env.world_size):
             return {}
         config, env = self.context.config, self.context.env
         common = {
@@ -125,7 +130,7 @@ class SimCLRObjective:
             query_labels,
             bank[labelled],
             bank_labels[labelled],
-            len(self.loader.classes),
+            len(self.loader.source.classes),
             self.section.knn_k,
             self.section.knn_temperature,
         )
@@ -144,14 +149,14 @@ def has_knn_data(manifest: dict[str, Any], world_size: int) -> bool:
     return bool(manifest.get("classes")) and int(val.get("samples") or 0) >= world_size
 
 
-def build_simclr(context: ObjectiveContext) -> SimCLRObjective:
+def build_simclr(context: MethodContext) -> SimCLRMethod:
     """The two-view image loader, the SimCLR model (SyncBatchNorm over ranks) and LARS."""
     config, env, ds_config = context.config, context.env, context.ds_config
     section = config.simclr
     if section is None:
-        raise UserError("the simclr objective needs a simclr: section in the config")
+        raise UserError("the simclr method needs a simclr: section in the config")
     check_deepspeed_for_lars(ds_config)
-    loader = ImageLoader(
+    loader = image_loader(
         context.data_dir,
         global_batch_size=ds_config["train_batch_size"],
         micro_batch_size=ds_config["train_micro_batch_size_per_gpu"],
@@ -164,4 +169,4 @@ def build_simclr(context: ObjectiveContext) -> SimCLRObjective:
     )
     model = build_model(section).to(env.device)
     optimizer = build_optimizer(model, section)
-    return SimCLRObjective(context, section, loader, model, optimizer, augment_config(section))
+    return SimCLRMethod(context, section, loader, model, optimizer, augment_config(section))

@@ -1,7 +1,8 @@
-"""What the trainer asks of a pre-training objective: loader, model, micro-batch step, evaluation."""
+"""What the trainer asks of a pre-training method: loader, model, micro-batch step, evaluation."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -13,8 +14,8 @@ from training.engine import DistEnv
 
 
 @dataclass(frozen=True)
-class ObjectiveContext:
-    """Everything an objective builder reads: the config, this rank, the resolved DeepSpeed config, the data."""
+class MethodContext:
+    """Everything a method builder reads: the config, this rank, the resolved DeepSpeed config, the data."""
 
     config: Config
     env: DistEnv
@@ -36,11 +37,24 @@ class MicroStep:
     """Samples (sequences, images) the micro-batch held."""
 
 
-class Objective(Protocol):
-    """A pre-training objective as the trainer uses it (see :mod:`training.objectives`)."""
+def stack_sums(names: tuple[str, ...], values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The named per-micro-batch values as one (len(names),) float64 tensor, in the order of ``names``.
+
+    One tensor, so that a step needs a single all-reduce; the names say what each entry is.
+
+    Raises:
+        KeyError: ``values`` lacks one of ``names`` (or has one more).
+    """
+    if set(values) != set(names):
+        raise KeyError(f"sums {sorted(values)} do not match the declared names {sorted(names)}")
+    return torch.stack([values[name].detach().double() for name in names])
+
+
+class Method(Protocol):
+    """A pre-training method (BERT, SimCLR) as the trainer uses it (see :mod:`training.methods`)."""
 
     name: str
-    """Registry name, recorded in checkpoints (``bert``, ``simclr``)."""
+    """Registry name, recorded in checkpoints under the key ``objective`` (``bert``, ``simclr``)."""
     loader: Any
     """The resumable training loader (``__iter__``, ``step_done``, ``state_dict``, ``grad_accum``...)."""
     model: nn.Module
@@ -53,13 +67,15 @@ class Objective(Protocol):
     """sha256 of what the data's meaning depends on (the tokenizer), compared on resume; None for images."""
     progress_keys: tuple[str, ...]
     """Metrics shown on the progress line."""
+    sum_names: tuple[str, ...]
+    """What each entry of :attr:`MicroStep.sums` holds, in order."""
 
     def forward(self, engine: Any, batch: dict[str, Any], step: int, micro: int) -> MicroStep:
         """Forward one micro-batch (``micro`` of optimizer step ``step``) through the engine."""
         ...
 
-    def step_metrics(self, sums: torch.Tensor, micro_batches: int) -> dict[str, float]:
-        """Step metrics from the sums over ``micro_batches`` (micro-batches of all ranks)."""
+    def step_metrics(self, sums: Mapping[str, float], micro_batches: int) -> dict[str, float]:
+        """Step metrics from the named sums over ``micro_batches`` (micro-batches of all ranks)."""
         ...
 
     def evaluate(self, engine: Any) -> dict[str, float]:

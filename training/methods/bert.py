@@ -1,8 +1,9 @@
-"""BERT's masked-language-model objective (with the NSP/SOP head when the data has sentence labels)."""
+"""BERT's masked-language-model pre-training (with the NSP/SOP head when the data has sentence labels)."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,13 +12,18 @@ import torch.distributed as dist
 
 from training import engine as ds
 from training.config import Config, ModelConfig
-from training.data import MaskingConfig, PretrainLoader, validation_batches
+from training.data.loader import StepLoader
+from training.data.text import TextSource, text_loader, validation_batches
+from training.dtypes import DTYPES
 from training.flops import bert_train_flops_per_sequence, mfu, peak_flops
+from training.masking import MaskingConfig
+from training.methods.base import MethodContext, MicroStep, stack_sums
 from training.models.bert import BertConfig, BertForPreTraining, bert_config
-from training.objectives.base import MicroStep, ObjectiveContext
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels", "next_sentence_label")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SUM_NAMES = ("loss", "mlm_correct", "mlm_count", "mlm_loss", "nsp_loss", "nsp_correct", "nsp_count")
+"""What a micro-batch adds up (the nsp entries are zeros for a model without the sentence head)."""
+VAL_SUM_NAMES = ("loss", "batches", "mlm_correct", "mlm_count")
 
 
 def bert_config_from_section(
@@ -40,10 +46,10 @@ def bert_config_from_section(
     )
 
 
-def model_config_for(config: Config, vocab_size: int, seq_len: int, objective: str) -> BertConfig:
-    """The BERT architecture from the ``model:`` section and the data manifest."""
+def model_config_for(config: Config, vocab_size: int, seq_len: int, sentence_task: str) -> BertConfig:
+    """The BERT architecture from the ``model:`` section and the manifest's sentence task (nsp/sop/none)."""
     head = config.model.next_sentence_head
-    next_sentence_head = (objective != "none") if head == "auto" else bool(head)
+    next_sentence_head = (sentence_task != "none") if head == "auto" else bool(head)
     return bert_config_from_section(config.model, vocab_size, seq_len, next_sentence_head)
 
 
@@ -53,16 +59,17 @@ def to_device(batch: dict[str, Any], device: torch.device, keys: tuple[str, ...]
 
 
 @dataclass
-class BertObjective:
-    """MLM (+ sentence head) on text shards; see :class:`training.objectives.base.Objective`."""
+class BertMethod:
+    """MLM (+ sentence head) on text shards; see :class:`training.methods.base.Method`."""
 
-    context: ObjectiveContext
-    loader: PretrainLoader
+    context: MethodContext
+    loader: StepLoader[TextSource]
     bert_config: BertConfig
     model: BertForPreTraining
     name: str = "bert"
     optimizer: torch.optim.Optimizer | None = None
     progress_keys: tuple[str, ...] = ("loss", "mlm_acc", "lr", "samples_per_s")
+    sum_names: tuple[str, ...] = SUM_NAMES
 
     @property
     def model_config(self) -> dict[str, Any]:
@@ -70,7 +77,7 @@ class BertObjective:
 
     @property
     def data_fingerprint(self) -> str | None:
-        return self.loader.manifest["tokenizer"]["sha256"]
+        return self.loader.source.manifest["tokenizer"]["sha256"]
 
     @property
     def input_keys(self) -> tuple[str, ...]:
@@ -84,33 +91,33 @@ class BertObjective:
 
     def forward(self, engine: Any, batch: dict[str, Any], step: int, micro: int) -> MicroStep:
         output = engine(**to_device(batch, self.context.env.device, self.input_keys))
-        # Summed on the device so that no micro-step waits for the GPU: loss, mlm correct, mlm count,
-        # mlm loss, then nsp loss, correct and count (zeros for a model without the sentence head).
+        # Summed on the device so that no micro-step waits for the GPU.
         zero = torch.zeros((), device=output.loss.device)
         nsp = (output.nsp_loss, output.nsp_correct, output.nsp_count)
-        values = (output.loss.detach(), output.mlm_correct, output.mlm_count, output.mlm_loss.detach())
-        values += tuple(zero if value is None else value.detach() for value in nsp)
-        sums = torch.stack([value.double() for value in values])
+        values = {"loss": output.loss, "mlm_correct": output.mlm_correct, "mlm_count": output.mlm_count}
+        values["mlm_loss"] = output.mlm_loss
+        values.update(zip(SUM_NAMES[4:], (zero if value is None else value for value in nsp), strict=True))
+        sums = stack_sums(SUM_NAMES, values)
         return MicroStep(
             output.loss, sums, int(batch["attention_mask"].sum()), int(batch["input_ids"].shape[0])
         )
 
-    def step_metrics(self, sums: torch.Tensor, micro_batches: int) -> dict[str, float]:
+    def step_metrics(self, sums: Mapping[str, float], micro_batches: int) -> dict[str, float]:
         metrics = {
-            "loss": float(sums[0] / micro_batches),
-            "mlm_loss": float(sums[3] / micro_batches),
-            "mlm_acc": float(sums[1] / max(float(sums[2]), 1.0)),
+            "loss": sums["loss"] / micro_batches,
+            "mlm_loss": sums["mlm_loss"] / micro_batches,
+            "mlm_acc": sums["mlm_correct"] / max(sums["mlm_count"], 1.0),
         }
-        if float(sums[6]) > 0:
-            metrics["nsp_loss"] = float(sums[4] / micro_batches)
-            metrics["nsp_acc"] = float(sums[5] / sums[6])
+        if sums["nsp_count"] > 0:
+            metrics["nsp_loss"] = sums["nsp_loss"] / micro_batches
+            metrics["nsp_acc"] = sums["nsp_correct"] / sums["nsp_count"]
         return metrics
 
     def evaluate(self, engine: Any) -> dict[str, float]:
         """Mean validation loss and MLM accuracy over ``train.val_batches`` micro-batches per rank."""
         env, config = self.context.env, self.context.config
         engine.eval()
-        totals = torch.zeros(4, dtype=torch.float64, device=env.device)  # loss sum, batches, correct, count
+        totals = torch.zeros(len(VAL_SUM_NAMES), dtype=torch.float64, device=env.device)
         batches = validation_batches(
             self.context.data_dir,
             micro_batch_size=self.context.ds_config["train_micro_batch_size_per_gpu"],
@@ -124,14 +131,15 @@ class BertObjective:
             for batch in batches:
                 output = engine(**to_device(batch, env.device, self.input_keys))
                 one = torch.ones((), device=env.device)
-                values = (output.loss, one, output.mlm_correct, output.mlm_count)
-                totals += torch.stack([value.double() for value in values])
+                values = {"loss": output.loss, "batches": one}
+                values.update(mlm_correct=output.mlm_correct, mlm_count=output.mlm_count)
+                totals += stack_sums(VAL_SUM_NAMES, values)
         dist.all_reduce(totals)
-        totals = totals.cpu()
+        sums = dict(zip(VAL_SUM_NAMES, totals.cpu().tolist(), strict=True))
         engine.train()
         return {
-            "val_loss": float(totals[0] / max(totals[1], 1.0)),
-            "val_mlm_acc": float(totals[2] / max(totals[3], 1.0)),
+            "val_loss": sums["loss"] / max(sums["batches"], 1.0),
+            "val_mlm_acc": sums["mlm_correct"] / max(sums["mlm_count"], 1.0),
         }
 
     def rates(self, samples_per_s: float, tokens_per_s: float) -> dict[str, float]:
@@ -140,16 +148,16 @@ class BertObjective:
         peak = peak_flops(env.device, DTYPES[ds.precision(self.context.ds_config)])
         if peak:
             flops = bert_train_flops_per_sequence(
-                self.bert_config, self.loader.seq_len, self.context.config.data.mask_prob
+                self.bert_config, self.loader.source.seq_len, self.context.config.data.mask_prob
             )
             record["mfu"] = mfu(flops * samples_per_s, peak * env.world_size)
         return record
 
 
-def build_bert(context: ObjectiveContext) -> BertObjective:
+def build_bert(context: MethodContext) -> BertMethod:
     """Loader of the text shards and the BERT model they call for."""
     config, env, ds_config = context.config, context.env, context.ds_config
-    loader = PretrainLoader(
+    loader = text_loader(
         context.data_dir,
         global_batch_size=ds_config["train_batch_size"],
         micro_batch_size=ds_config["train_micro_batch_size_per_gpu"],
@@ -159,5 +167,5 @@ def build_bert(context: ObjectiveContext) -> BertObjective:
         masking=MaskingConfig(mask_prob=config.data.mask_prob, whole_word=config.data.whole_word_mask),
         num_workers=config.data.num_workers,
     )
-    bert = model_config_for(config, loader.vocab_size, loader.seq_len, loader.objective)
-    return BertObjective(context, loader, bert, BertForPreTraining(bert).to(env.device))
+    bert = model_config_for(config, loader.source.vocab_size, loader.source.seq_len, loader.source.objective)
+    return BertMethod(context, loader, bert, BertForPreTraining(bert).to(env.device))
