@@ -25,7 +25,7 @@ from shard_fixtures import generate_text, make_shard_dir, train_tokenizer
 
 from data_pipeline.errors import UserError
 from launch.cli import main as cli_main
-from training import export
+from training.export import bert, bert_read, checkpoints, files
 from training.models.bert import BertForPreTraining, bert_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -91,7 +91,7 @@ def _train_and_dump(argv: list[str]) -> int:
         with deepspeed.zero.GatheredParameters(list(module.parameters())):
             if trainer.env.is_main:
                 live = {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
-                save_file(export._untie(live), str(run_dir / LIVE_WEIGHTS))
+                save_file(bert.untie(live), str(run_dir / LIVE_WEIGHTS))
         trainer.close()
     ds.teardown_distributed()
     return 0
@@ -164,7 +164,7 @@ def tiny_model(
 @pytest.fixture(scope="module")
 def spm_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A SentencePiece model trained with the project's own options (byte fallback, split digits)."""
-    from data_pipeline.tokenizer import train_sentencepiece, trainer_options
+    from data_pipeline.text.tokenizer import train_sentencepiece, trainer_options
 
     root = tmp_path_factory.mktemp("spm")
     (root / "text.txt").write_text("\n".join(generate_text(5, sentences=800) + SAMPLE_TEXTS * 5) + "\n")
@@ -198,19 +198,19 @@ def test_export_equals_live_weights_of_two_rank_run(runs: Path, tmp_path: Path, 
     live = load_file(str(run_dir / LIVE_WEIGHTS))
     # Trained, not initial, weights: LayerNorm gains start at exactly 1.
     assert not torch.equal(live["bert.embeddings.LayerNorm.weight"], torch.ones(32))
-    exported = load_file(str(out / export.WEIGHTS_FILE))
+    exported = load_file(str(out / files.WEIGHTS_FILE))
     assert sorted(exported) == sorted(live)
     for name, tensor in live.items():
         assert exported[name].dtype == torch.float32
         assert torch.equal(exported[name], tensor), name
     state = json.loads((run_dir / "checkpoints" / f"step{STEPS:08d}" / "trainer_state.json").read_text())
     assert state["zero_stage"] == stage and state["world_size"] == 2
-    config = json.loads((out / export.CONFIG_FILE).read_text())
+    config = json.loads((out / files.CONFIG_FILE).read_text())
     assert config["pretrain"]["model_config"] == state["model_config"]
-    assert (out / export.TOKENIZER_MODEL_FILE).read_bytes() == (
+    assert (out / bert.TOKENIZER_MODEL_FILE).read_bytes() == (
         Path(state["data_dir"]) / "tokenizer/spm.model"
     ).read_bytes()
-    card = (out / export.CARD_FILE).read_text()
+    card = (out / files.CARD_FILE).read_text()
     assert f"| step | {STEPS} |" in card and "| tokens_seen |" in card and "| objective | nsp |" in card
     assert f"| zero_stage | {stage} |" in card and "| loss |" in card
 
@@ -221,21 +221,21 @@ def test_dtype_casts_equal_the_fp32_cast(runs: Path, tmp_path: Path) -> None:
     for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
         out = tmp_path / dtype
         assert export_cli(str(runs / "stage2"), "--out", str(out), "--dtype", dtype) == 0
-        exported = load_file(str(out / export.WEIGHTS_FILE))
+        exported = load_file(str(out / files.WEIGHTS_FILE))
         for name, tensor in live.items():
             assert exported[name].dtype == torch_dtype
             assert torch.equal(exported[name], tensor.to(torch_dtype)), name
-        assert json.loads((out / export.CONFIG_FILE).read_text())["pretrain"]["dtype"] == dtype
+        assert json.loads((out / files.CONFIG_FILE).read_text())["pretrain"]["dtype"] == dtype
 
 
 @pytest.mark.slow
 def test_step_selection_and_run_dir_loading(runs: Path, tmp_path: Path) -> None:
     run_dir = runs / "stage3"
     with pytest.raises(UserError, match=rf"no complete checkpoint at step 1; available steps: {STEPS}"):
-        export.find_checkpoint(run_dir, 1)
-    assert export.find_checkpoint(run_dir, STEPS).name == f"step{STEPS:08d}"
+        checkpoints.find_checkpoint(run_dir, 1)
+    assert checkpoints.find_checkpoint(run_dir, STEPS).name == f"step{STEPS:08d}"
     assert export_cli(str(run_dir), "--out", str(tmp_path / "x"), "--step", "1") == 2
-    config, weights, spm_model = export.load_encoder_weights(str(run_dir))
+    config, weights, spm_model = bert_read.load_encoder_weights(str(run_dir))
     live = load_file(str(run_dir / LIVE_WEIGHTS))
     assert all(torch.equal(weights[name], tensor) for name, tensor in live.items())
     BertForPreTraining(config).load_state_dict(weights, strict=True)
@@ -250,7 +250,7 @@ def test_hf_export_of_a_run_loads_in_transformers(runs: Path, tmp_path: Path) ->
     assert export_cli(str(runs / "stage0"), "--out", str(out), "--format", "hf") == 0
     hf_model, info = transformers.BertForPreTraining.from_pretrained(str(out), output_loading_info=True)
     assert (info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"]) == (set(), set(), set())
-    config, weights, _ = export.load_encoder_weights(str(out))
+    config, weights, _ = bert_read.load_encoder_weights(str(out))
     ours = BertForPreTraining(config).eval()
     ours.load_state_dict(weights, strict=True)
     inputs = batch(config.vocab_size)
@@ -293,9 +293,9 @@ def test_stage0_bf16_run_exports_its_fp32_master_weights(data: Path, tmp_path: P
     )
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     assert export_cli(str(run_dir), "--out", str(tmp_path / "out")) == 0
-    exported = load_file(str(tmp_path / "out" / export.WEIGHTS_FILE))
+    exported = load_file(str(tmp_path / "out" / files.WEIGHTS_FILE))
     saved = torch.load(
-        run_dir / "checkpoints" / f"step{STEPS:08d}" / export.MODEL_STATES_FILE,
+        run_dir / "checkpoints" / f"step{STEPS:08d}" / checkpoints.MODEL_STATES_FILE,
         map_location="cpu",
         weights_only=False,
     )
@@ -304,7 +304,7 @@ def test_stage0_bf16_run_exports_its_fp32_master_weights(data: Path, tmp_path: P
         assert tensor.dtype == torch.float32 and module[name].dtype == torch.bfloat16
         assert torch.equal(tensor.to(torch.bfloat16), module[name]), name  # the master rounds to the module
     assert any(not torch.equal(tensor, module[name].float()) for name, tensor in exported.items())
-    assert "Note:" not in (tmp_path / "out" / export.CARD_FILE).read_text()
+    assert "Note:" not in (tmp_path / "out" / files.CARD_FILE).read_text()
 
 
 # ----------------------------------------------------------------------------- write_export / load_export
@@ -314,7 +314,7 @@ def test_hf_export_loads_with_auto_classes_and_equal_logits(tmp_path: Path, spm_
     import transformers
 
     model = tiny_model()
-    export.write_export(tmp_path / "hf", model.state_dict(), model.config, spm_path, fmt="hf")
+    bert.write_export(tmp_path / "hf", model.state_dict(), model.config, spm_path, fmt="hf")
     hf_model, info = transformers.BertForPreTraining.from_pretrained(
         str(tmp_path / "hf"), output_loading_info=True
     )
@@ -349,7 +349,7 @@ def test_mlm_only_model_exports_as_masked_lm(tmp_path: Path, spm_path: Path) -> 
     import transformers
 
     model = tiny_model(next_sentence_head=False)
-    export.write_export(tmp_path / "mlm", model.state_dict(), model.config, spm_path, fmt="hf")
+    bert.write_export(tmp_path / "mlm", model.state_dict(), model.config, spm_path, fmt="hf")
     hf_model, info = transformers.AutoModelForMaskedLM.from_pretrained(
         str(tmp_path / "mlm"), output_loading_info=True
     )
@@ -365,7 +365,7 @@ def test_mlm_only_model_exports_as_masked_lm(tmp_path: Path, spm_path: Path) -> 
 def test_native_export_round_trip_with_extra_config(tmp_path: Path, spm_path: Path) -> None:
     model = tiny_model(pre_layernorm=True)
     card = {"training": {"step": 7}, "notes": ["made by a test"]}
-    export.write_export(
+    bert.write_export(
         tmp_path / "n",
         model.state_dict(),
         model.config,
@@ -374,14 +374,14 @@ def test_native_export_round_trip_with_extra_config(tmp_path: Path, spm_path: Pa
         card=card,
         extra_config={"task": {"num_labels": 3}},
     )
-    config, weights, spm_model = export.load_encoder_weights(str(tmp_path / "n"))
+    config, weights, spm_model = bert_read.load_encoder_weights(str(tmp_path / "n"))
     assert config == model.config and spm_model.read_bytes() == spm_path.read_bytes()
     for name, tensor in model.state_dict().items():
         assert torch.equal(weights[name], tensor), name
     assert weights["cls.predictions.decoder.weight"] is weights["bert.embeddings.word_embeddings.weight"]
-    saved = json.loads((tmp_path / "n" / export.CONFIG_FILE).read_text())
+    saved = json.loads((tmp_path / "n" / files.CONFIG_FILE).read_text())
     assert saved["task"] == {"num_labels": 3} and "model_type" not in saved
-    assert "| step | 7 |" in (tmp_path / "n" / export.CARD_FILE).read_text()
+    assert "| step | 7 |" in (tmp_path / "n" / files.CARD_FILE).read_text()
     assert not list(tmp_path.glob(".n.partial*"))
 
 
@@ -393,25 +393,25 @@ def test_fine_tuned_encoder_with_task_head_exports_for_transformers(tmp_path: Pa
     weights["classifier.weight"] = torch.randn(3, 32)
     weights["classifier.bias"] = torch.randn(3)
     extra = {"architectures": ["BertForSequenceClassification"], "id2label": {"0": "a", "1": "b", "2": "c"}}
-    export.write_export(tmp_path / "ft", weights, model.config, spm_path, fmt="hf", extra_config=extra)
+    bert.write_export(tmp_path / "ft", weights, model.config, spm_path, fmt="hf", extra_config=extra)
     classifier, info = transformers.AutoModelForSequenceClassification.from_pretrained(
         str(tmp_path / "ft"), output_loading_info=True
     )
     assert (info["missing_keys"], info["unexpected_keys"]) == (set(), set())
     assert classifier.config.num_labels == 3
-    _, loaded, _ = export.load_encoder_weights(str(tmp_path / "ft"))
+    _, loaded, _ = bert_read.load_encoder_weights(str(tmp_path / "ft"))
     assert sorted(loaded) == sorted(weights)  # no tied aliases without the MLM head
     with pytest.raises(ValueError, match="'pretrain'"):
-        export.write_export(tmp_path / "x", weights, model.config, spm_path, extra_config={"pretrain": {}})
+        bert.write_export(tmp_path / "x", weights, model.config, spm_path, extra_config={"pretrain": {}})
     weights["bert.extra.weight"] = torch.zeros(1)
     with pytest.raises(UserError, match=r"unexpected \['bert.extra.weight'\]"):
-        export.write_export(tmp_path / "x", weights, model.config, spm_path)
+        bert.write_export(tmp_path / "x", weights, model.config, spm_path)
 
 
 def test_bf16_export_loads_back_as_the_cast(tmp_path: Path, spm_path: Path) -> None:
     model = tiny_model()
-    export.write_export(tmp_path / "b", model.state_dict(), model.config, spm_path, dtype="bf16")
-    _, weights, _ = export.load_export(tmp_path / "b")
+    bert.write_export(tmp_path / "b", model.state_dict(), model.config, spm_path, dtype="bf16")
+    _, weights, _ = bert_read.load_export(tmp_path / "b")
     for name, tensor in model.state_dict().items():
         assert weights[name].dtype == torch.float32
         assert torch.equal(weights[name], tensor.to(torch.bfloat16).float()), name
@@ -424,7 +424,7 @@ def test_hf_tokenizer_gives_sentencepiece_ids(tmp_path: Path, spm_path: Path) ->
     import transformers
 
     model = tiny_model()
-    export.write_export(tmp_path / "hf", model.state_dict(), model.config, spm_path, fmt="hf")
+    bert.write_export(tmp_path / "hf", model.state_dict(), model.config, spm_path, fmt="hf")
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         assert (tmp_path / "hf" / name).is_file()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
@@ -442,7 +442,7 @@ def test_hf_tokenizer_gives_sentencepiece_ids(tmp_path: Path, spm_path: Path) ->
 
 
 def test_fixture_tokenizer_converts_too(tmp_path: Path) -> None:
-    from training.hf_tokenizer import build_tokenizer
+    from training.export.hf_tokenizer import build_tokenizer
 
     (tmp_path / "spm.model").write_bytes(train_tokenizer(320, 0))
     tokenizer = build_tokenizer(tmp_path / "spm.model")
@@ -459,22 +459,22 @@ def test_bad_inputs_are_user_errors(
 ) -> None:
     model = tiny_model(pre_layernorm=True)
     with pytest.raises(UserError, match="pre_layernorm.*--format native"):
-        export.write_export(tmp_path / "o", model.state_dict(), model.config, spm_path, fmt="hf")
+        bert.write_export(tmp_path / "o", model.state_dict(), model.config, spm_path, fmt="hf")
     with pytest.raises(UserError, match="--dtype 'int8': expected one of fp32, bf16, fp16"):
-        export.write_export(tmp_path / "o", model.state_dict(), model.config, spm_path, dtype="int8")
+        bert.write_export(tmp_path / "o", model.state_dict(), model.config, spm_path, dtype="int8")
     with pytest.raises(UserError, match="--format 'onnx'"):
-        export.write_export(tmp_path / "o", model.state_dict(), model.config, spm_path, fmt="onnx")
+        bert.write_export(tmp_path / "o", model.state_dict(), model.config, spm_path, fmt="onnx")
     weights = dict(model.state_dict())
     del weights["bert.pooler.dense.bias"]
     with pytest.raises(UserError, match=r"missing \['bert.pooler.dense.bias'\]"):
-        export.write_export(tmp_path / "o", weights, model.config, spm_path)
+        bert.write_export(tmp_path / "o", weights, model.config, spm_path)
     with pytest.raises(UserError, match="not a run directory"):
-        export.find_checkpoint(tmp_path)
+        checkpoints.find_checkpoint(tmp_path)
     (tmp_path / "run" / "checkpoints" / "step00000003").mkdir(parents=True)  # an interrupted save
     with pytest.raises(UserError, match="no complete checkpoint"):
-        export.find_checkpoint(tmp_path / "run")
+        checkpoints.find_checkpoint(tmp_path / "run")
     with pytest.raises(UserError, match="neither an export directory"):
-        export.load_encoder_weights(str(tmp_path))
+        bert_read.load_encoder_weights(str(tmp_path))
     assert export_cli(str(tmp_path / "run"), "--out", str(tmp_path / "o"), "--dtype", "fp8") == 2
     assert "--dtype 'fp8'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -485,7 +485,7 @@ def test_broken_tie_is_refused(tmp_path: Path, spm_path: Path) -> None:
     weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     weights["cls.predictions.decoder.weight"] += 1.0
     with pytest.raises(UserError, match="cls.predictions.decoder.weight differs"):
-        export.write_export(tmp_path / "o", weights, model.config, spm_path)
+        bert.write_export(tmp_path / "o", weights, model.config, spm_path)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     spm_path = root / "spm.model"
     spm_path.write_bytes(train_tokenizer(320, 0))
     vocab = spm.SentencePieceProcessor(model_file=str(spm_path)).get_piece_size()
-    from training.export import write_export
+    from training.export.bert import write_export
 
     config = bert_config(
         None,
@@ -444,8 +444,9 @@ def test_early_stopping(assets: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("freeze", ["head", "top-1"])
 def test_frozen_parameters_stay_bit_identical(assets: Path, tmp_path: Path, freeze: str) -> None:
+    from training.finetune.base import FinetuneOptions
     from training.finetune.config import load_finetune_config
-    from training.finetune.loop import FinetuneOptions, build
+    from training.finetune.loop import build
 
     run_dir = tmp_path / "run"
     config = load_finetune_config(

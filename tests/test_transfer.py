@@ -24,14 +24,9 @@ import pytest
 import sentencepiece as spm
 from shard_fixtures import spm_model_bytes
 
-from data_pipeline.shard_format import (
-    FORMAT_NAME,
-    MANIFEST_NAME,
-    SPECIAL_TOKENS,
-    Example,
-    file_sha256,
-    write_shard,
-)
+from data_pipeline.formats.location import file_sha256
+from data_pipeline.formats.manifest import FORMAT_NAME, MANIFEST_NAME
+from data_pipeline.formats.text import SPECIAL_TOKENS, Example, write_shard
 
 REPO = Path(__file__).resolve().parent.parent
 TOPICS = 4

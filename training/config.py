@@ -104,8 +104,8 @@ OPTIONAL_SECTIONS: dict[str, type] = {"simclr": SimCLRConfig}
 """Sections that select an objective other than BERT's when present (and not null)."""
 
 
-def objective_of(config: Config) -> str:
-    """The training objective a config selects: ``simclr`` with a ``simclr:`` section, else ``bert``."""
+def method_of(config: Config) -> str:
+    """The pre-training method a config selects: ``simclr`` with a ``simclr:`` section, else ``bert``."""
     return "simclr" if config.simclr is not None else "bert"
 
 
@@ -129,8 +129,17 @@ def _matches(value: Any, expected: Any) -> bool:
     return isinstance(value, expected)
 
 
-def _build_section(name: str, cls: type, raw: Any) -> Any:
-    """One dataclass section from its YAML mapping, naming the key path of any unknown key or bad type."""
+def build_section(name: str, cls: type, raw: Any) -> Any:
+    """One dataclass section from its YAML mapping (None: all defaults).
+
+    Args:
+        name: The section's key, the start of every key path in messages.
+        cls: The section's dataclass.
+        raw: Its YAML value.
+
+    Raises:
+        UserError: Not a mapping, an unknown key, or a value of the wrong type, naming the key path.
+    """
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -188,15 +197,12 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     if unknown:
         known = ", ".join([*SECTIONS, *OPTIONAL_SECTIONS])
         raise UserError(f"{unknown[0]}: unknown section (known: deepspeed, {known})")
-    sections = {name: _build_section(name, cls, raw.get(name)) for name, cls in SECTIONS.items()}
+    sections = {name: build_section(name, cls, raw.get(name)) for name, cls in SECTIONS.items()}
     # A null optional section (as config.yaml of a BERT run writes it) is an absent one.
     for name, cls in OPTIONAL_SECTIONS.items():
         if raw.get(name) is not None:
-            sections[name] = _build_section(name, cls, raw[name])
-    deepspeed = raw.get("deepspeed") or {}
-    if not isinstance(deepspeed, dict):
-        raise UserError(f"deepspeed: expected a mapping, got {deepspeed!r}")
-    config = Config(deepspeed=copy.deepcopy(deepspeed), **sections)
+            sections[name] = build_section(name, cls, raw[name])
+    config = Config(deepspeed=deepspeed_section(raw), **sections)
     _check_values(config)
     return config
 
@@ -227,6 +233,15 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     Raises:
         UserError: The file is missing or not YAML, a key is unknown or a value has the wrong type.
     """
+    return config_from_dict(apply_overrides(read_config_file(path), overrides))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping of sections in a YAML config file (an empty file is an empty mapping).
+
+    Raises:
+        UserError: The file cannot be read, is not YAML, or holds something other than a mapping.
+    """
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as error:
@@ -237,7 +252,19 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
         raise UserError(f"config {path}: not valid YAML: {error}") from error
     if not isinstance(raw, dict):
         raise UserError(f"config {path}: expected a mapping of sections, got {type(raw).__name__}")
-    return config_from_dict(apply_overrides(raw, overrides))
+    return raw
+
+
+def deepspeed_section(raw: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the literal ``deepspeed:`` section of a config mapping (absent or null: empty).
+
+    Raises:
+        UserError: The section is not a mapping.
+    """
+    deepspeed = raw.get("deepspeed") or {}
+    if not isinstance(deepspeed, dict):
+        raise UserError(f"deepspeed: expected a mapping, got {deepspeed!r}")
+    return copy.deepcopy(deepspeed)
 
 
 def config_to_dict(config: Config) -> dict[str, Any]:
@@ -290,17 +317,24 @@ def zero_stage(deepspeed: dict[str, Any]) -> int:
     return stage
 
 
-def resolve_deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config for this run: gradient accumulation computed, scheduler length filled in.
+def resolve_deepspeed(
+    deepspeed: dict[str, Any], world_size: int, total_steps: int, warmup_steps: int | None = None
+) -> dict[str, Any]:
+    """A literal DeepSpeed config made ready for a run: gradient accumulation and scheduler lengths set.
+
+    A WarmupDecayLR/WarmupCosineLR scheduler gets ``total_num_steps`` and, when ``warmup_steps`` is given,
+    ``warmup_num_steps``; values the config sets itself are kept.
 
     Args:
-        config: The training config; ``deepspeed.train_batch_size`` is the fixed global batch.
+        deepspeed: The ``deepspeed:`` section; ``train_batch_size`` is the fixed global batch. Not changed.
         world_size: Number of data-parallel ranks.
+        total_steps: Optimizer steps of the whole run (the schedule's length).
+        warmup_steps: Warm-up steps of the schedule. Defaults to None (the scheduler's own default).
 
     Raises:
         UserError: Batch sizes missing or not divisible, or a given gradient_accumulation_steps disagrees.
     """
-    resolved = copy.deepcopy(config.deepspeed)
+    resolved = copy.deepcopy(deepspeed)
     global_batch = _positive_int(resolved, "train_batch_size")
     micro_batch = _positive_int(resolved, "train_micro_batch_size_per_gpu")
     accumulation = gradient_accumulation_steps(global_batch, micro_batch, world_size)
@@ -315,5 +349,20 @@ def resolve_deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
     scheduler = resolved.get("scheduler")
     if isinstance(scheduler, dict) and scheduler.get("type") in SCHEDULERS_WITH_LENGTH:
         params = scheduler.setdefault("params", {})
-        params.setdefault("total_num_steps", config.train.total_steps)
+        params.setdefault("total_num_steps", total_steps)
+        if warmup_steps is not None:
+            params.setdefault("warmup_num_steps", warmup_steps)
     return resolved
+
+
+def resolve_deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config of a pre-training run: :func:`resolve_deepspeed` over ``train.total_steps``.
+
+    Args:
+        config: The training config; ``deepspeed.train_batch_size`` is the fixed global batch.
+        world_size: Number of data-parallel ranks.
+
+    Raises:
+        UserError: As :func:`resolve_deepspeed`.
+    """
+    return resolve_deepspeed(config.deepspeed, world_size, config.train.total_steps)

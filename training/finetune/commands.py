@@ -78,8 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_finetune(args: argparse.Namespace) -> dict[str, Any]:
     """Load the config and fine-tune; returns eval.json's content. The process group is left up."""
+    from training.finetune.base import FinetuneOptions
     from training.finetune.config import load_finetune_config
-    from training.finetune.loop import FinetuneOptions, finetune
+    from training.finetune.loop import finetune
 
     if getattr(args, "passthrough", None):
         raise UserError(f"pretrain finetune takes no arguments after `--`, got {args.passthrough}")

@@ -8,7 +8,6 @@ DeepSpeed batch arithmetic. The ``model:`` section is the pre-training one and i
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import re
 from collections.abc import Sequence
@@ -19,15 +18,7 @@ from typing import Any
 import yaml
 
 from data_pipeline.errors import UserError
-from training.config import (
-    SCHEDULERS_WITH_LENGTH,
-    ModelConfig,
-    _build_section,
-    _positive_int,
-    apply_overrides,
-    gradient_accumulation_steps,
-    zero_stage,
-)
+from training.config import ModelConfig, apply_overrides, build_section, deepspeed_section, read_config_file
 
 TASK_TYPES = ("classification", "pair", "regression", "tokens", "image")
 IMAGE_TASK_TYPES = ("image",)
@@ -198,14 +189,12 @@ def config_from_dict(raw: dict[str, Any]) -> FinetuneConfig:
     unknown = sorted(set(raw) - set(SECTIONS) - {"deepspeed", "tokenizer"})
     if unknown:
         raise UserError(f"{unknown[0]}: unknown section (known: {', '.join(SECTIONS)}, tokenizer, deepspeed)")
-    sections = {name: _build_section(name, cls, raw.get(name)) for name, cls in SECTIONS.items()}
-    deepspeed = raw.get("deepspeed") or {}
-    if not isinstance(deepspeed, dict):
-        raise UserError(f"deepspeed: expected a mapping, got {deepspeed!r}")
+    sections = {name: build_section(name, cls, raw.get(name)) for name, cls in SECTIONS.items()}
+    deepspeed = deepspeed_section(raw)
     tokenizer = raw.get("tokenizer")
     if tokenizer is not None and not isinstance(tokenizer, str):
         raise UserError(f"tokenizer: expected a path, got {tokenizer!r}")
-    config = FinetuneConfig(deepspeed=copy.deepcopy(deepspeed), tokenizer=tokenizer, **sections)
+    config = FinetuneConfig(deepspeed=deepspeed, tokenizer=tokenizer, **sections)
     _check_values(config)
     return config
 
@@ -220,15 +209,7 @@ def load_finetune_config(path: str | Path, overrides: Sequence[str] = ()) -> Fin
     Raises:
         UserError: The file is missing or not YAML, a key is unknown or a value is of the wrong type.
     """
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except OSError as error:
-        raise UserError(f"config {path}: cannot read: {error.strerror or error}") from error
-    except yaml.YAMLError as error:
-        raise UserError(f"config {path}: not valid YAML: {error}") from error
-    if not isinstance(raw, dict):
-        raise UserError(f"config {path}: expected a mapping of sections, got {type(raw).__name__}")
-    return config_from_dict(apply_overrides(raw, overrides))
+    return config_from_dict(apply_overrides(read_config_file(path), overrides))
 
 
 def config_yaml(config: FinetuneConfig) -> str:
@@ -236,36 +217,9 @@ def config_yaml(config: FinetuneConfig) -> str:
     return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, default_flow_style=False)
 
 
-def resolve_deepspeed_config(config: FinetuneConfig, world_size: int, total_steps: int) -> dict[str, Any]:
-    """The DeepSpeed config of this run: gradient accumulation computed, scheduler lengths filled in.
+def warmup_steps(total_steps: int) -> int:
+    """Warm-up steps of a run of ``total_steps`` optimizer steps: ``WARMUP_SHARE`` of it, at least one.
 
-    A WarmupDecayLR/WarmupCosineLR scheduler gets ``total_num_steps`` (the whole run) and, unless given,
-    ``warmup_num_steps`` (``WARMUP_SHARE`` of it).
-
-    Args:
-        config: The fine-tuning config; ``deepspeed.train_batch_size`` is the global batch.
-        world_size: Number of data-parallel ranks.
-        total_steps: Optimizer steps of the whole run (epochs x steps per epoch).
-
-    Raises:
-        UserError: Batch sizes missing or not divisible, or a given gradient_accumulation_steps disagrees.
+    Fine-tuning runs differ in length by orders of magnitude; 10% warm-up is the usual BERT recipe.
     """
-    resolved = copy.deepcopy(config.deepspeed)
-    global_batch = _positive_int(resolved, "train_batch_size")
-    micro_batch = _positive_int(resolved, "train_micro_batch_size_per_gpu")
-    accumulation = gradient_accumulation_steps(global_batch, micro_batch, world_size)
-    given = resolved.get("gradient_accumulation_steps")
-    if given is not None and given != accumulation:
-        raise UserError(
-            f"deepspeed.gradient_accumulation_steps={given!r} disagrees with train_batch_size={global_batch} / "
-            f"(micro {micro_batch} x world size {world_size}) = {accumulation}; leave it out, it is computed"
-        )
-    resolved["gradient_accumulation_steps"] = accumulation
-    zero_stage(resolved)
-    scheduler = resolved.get("scheduler")
-    if isinstance(scheduler, dict) and scheduler.get("type") in SCHEDULERS_WITH_LENGTH:
-        params = scheduler.setdefault("params", {})
-        params.setdefault("total_num_steps", total_steps)
-        # Fine-tuning runs differ in length by orders of magnitude; 10% warm-up is the usual BERT recipe.
-        params.setdefault("warmup_num_steps", max(1, round(WARMUP_SHARE * total_steps)))
-    return resolved
+    return max(1, round(WARMUP_SHARE * total_steps))

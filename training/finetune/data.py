@@ -21,7 +21,7 @@ import sentencepiece as spm
 import torch
 
 from data_pipeline.errors import UserError
-from data_pipeline.shard_format import CLS_ID, PAD_ID, SEP_ID, UNK_ID
+from data_pipeline.formats.text import CLS_ID, PAD_ID, SEP_ID, UNK_ID
 from training.finetune.config import TaskConfig
 from training.finetune.metrics import is_bio_tag
 

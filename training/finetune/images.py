@@ -9,11 +9,11 @@ comes from a SimCLR export or run directory, or is random (``--model none``, the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,25 +22,15 @@ from numpy.typing import NDArray
 from torch import nn
 
 from data_pipeline.errors import UserError
+from training.data.images import ImageReader, read_image_manifest
+from training.finetune.base import FinetuneOptions
 from training.finetune.config import FinetuneConfig, parse_freeze
 from training.finetune.heads import TaskOutput
 from training.finetune.metrics import classification_scores
 from training.finetune.subsets import class_balanced_subset
 from training.models.resnet import ResNet, resnet
 from training.simclr.augment import IMAGENET_MEAN, IMAGENET_STD
-from training.simclr.images import (
-    DEFAULT_IMAGE_WINDOW,
-    CropConfig,
-    ImageShardReader,
-    center_crop_box,
-    decode_crops,
-    random_resized_crop_box,
-    read_image_manifest,
-)
-
-if TYPE_CHECKING:
-    from training.finetune.loop import FinetuneOptions
-
+from training.simclr.images import CropConfig, center_crop_box, decode_crops, random_resized_crop_box
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 """The ResNet stages ``top-K`` unfreezes from the top."""
 
@@ -51,7 +41,7 @@ class ImageSplit:
 
     location: str
     """``DIR (split)``, for messages."""
-    reader: ImageShardReader
+    reader: ImageReader
     shards: NDArray[np.int64]
     samples: NDArray[np.int64]
     labels: NDArray[np.int64]
@@ -80,7 +70,7 @@ def read_split(data_dir: str, split: str) -> ImageSplit:
     """
     manifest = read_image_manifest(data_dir, split)
     entries = manifest["splits"][split]["shards"]
-    reader = ImageShardReader(str(data_dir), entries, DEFAULT_IMAGE_WINDOW)
+    reader = ImageReader(str(data_dir), entries)
     counts = [int(entry["samples"]) for entry in entries]
     labels = np.concatenate([reader.index(shard).labels for shard in range(len(entries))])
     location = f"{data_dir} ({split})"
@@ -137,8 +127,14 @@ def load_image_splits(
     return train.subset(class_balanced_subset(train.labels, fraction, seed)), evaluation
 
 
-def decode_rows(split: ImageSplit, rows: Sequence[int], size: int, boxes_for: Any) -> NDArray[np.uint8]:
-    """(len(rows), 3, size, size) uint8 crops; ``boxes_for(row, rng_key)`` -> a ``boxes_of`` function."""
+BoxesOf = Callable[[int, int], list[tuple[float, float, float, float]]]
+"""``(width, height) -> [(left, top, right, bottom)]``: the crop boxes of one image (``decode_crops``)."""
+
+
+def decode_rows(
+    split: ImageSplit, rows: Sequence[int], size: int, boxes_for: Callable[[int], BoxesOf]
+) -> NDArray[np.uint8]:
+    """(len(rows), 3, size, size) uint8 crops; ``boxes_for(row)`` gives the crop boxes of that row's image."""
     images = np.empty((len(rows), size, size, 3), dtype=np.uint8)
     for position, row in enumerate(rows):
         name, data, _ = split.reader.read(int(split.shards[row]), int(split.samples[row]))
@@ -225,10 +221,10 @@ def freeze_image_model(model: ImageTaskModel, mode: str) -> list[str]:
 
 
 class ImageTask:
-    """An ``image`` task: see the module docstring and :class:`training.finetune.loop.Task`."""
+    """An ``image`` task: see the module docstring and :class:`training.finetune.base.Task`."""
 
     def __init__(self, config: FinetuneConfig, options: FinetuneOptions) -> None:
-        from training.export_simclr import load_image_encoder
+        from training.export.resnet import load_image_encoder
 
         self.config, self.location = config, options.model
         self.train, self.eval = load_image_splits(
@@ -306,7 +302,7 @@ class ImageTask:
 
     def write_best(self, out_dir: Path, state: dict[str, torch.Tensor], facts: dict[str, Any]) -> None:
         """A ResNet export: the encoder and ``fc`` under torchvision's names, the task under ``finetune``."""
-        from training.export_simclr import write_resnet_export
+        from training.export.resnet import write_resnet_export
 
         encoder = {
             name.removeprefix("encoder."): t for name, t in state.items() if name.startswith("encoder.")

@@ -21,77 +21,31 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from numpy.typing import NDArray
-from torch import nn
 
 from training import engine as ds
 from training.checkpoint import write_atomic
+from training.config import resolve_deepspeed, zero_stage
+from training.finetune.base import FinetuneOptions, Task
 from training.finetune.config import (
     IMAGE_TASK_TYPES,
     LOWER_IS_BETTER,
     FinetuneConfig,
     config_yaml,
     metric_name,
-    resolve_deepspeed_config,
-    zero_stage,
+    warmup_steps,
 )
 from training.finetune.images import ImageTask
 from training.finetune.text_task import TextTask
 from training.metrics import MetricsWriter
-from training.trainer import seed_everything
-
-
-@dataclass
-class FinetuneOptions:
-    """What the command line adds to the config."""
-
-    model: str
-    """Export directory, run directory, or ``none`` (random init)."""
-    train_path: str
-    eval_path: str
-    run_dir: Path
-    tokenizer: str | None = None
-    """SentencePiece model for ``--model none`` (overrides the config's ``tokenizer``)."""
-
-
-class Task(Protocol):
-    """What the loop asks of a task kind (built before the process group: user errors surface first)."""
-
-    model: nn.Module
-    """The task model (encoder + head) with the freezing applied."""
-    trainable: list[str]
-    """Names of the parameters that train."""
-    labels: list[str] | None
-    train_rows: int
-    eval_rows: int
-
-    def batch(self, indices: Sequence[int], split: str, epoch: int, device: torch.device) -> dict[str, Any]:
-        """Model inputs of rows ``indices`` of ``split`` (``train``: augmented per ``epoch``; ``eval``)."""
-        ...
-
-    def predictions(self, logits: torch.Tensor, indices: Sequence[int]) -> list[Any]:
-        """Predictions of evaluation rows ``indices`` from their logits."""
-        ...
-
-    def score(self, predictions: list[Any]) -> tuple[dict[str, float], list[Any], list[Any]]:
-        """Metrics, and predictions and labels as names (or values), of all evaluation rows."""
-        ...
-
-    def write_best(self, out_dir: Path, state: dict[str, torch.Tensor], facts: dict[str, Any]) -> None:
-        """The export directory of the best epoch (rank 0)."""
-        ...
-
-    def describe(self) -> str:
-        """The task's part of the start-up line."""
-        ...
+from training.seeding import seed_everything
 
 
 TASK_KINDS: dict[str, Callable[[FinetuneConfig, FinetuneOptions], Task]] = {
@@ -301,7 +255,8 @@ def build(config: FinetuneConfig, options: FinetuneOptions) -> FinetuneRun:
     global_batch = config.deepspeed.get("train_batch_size")
     batch_known = isinstance(global_batch, int) and global_batch > 0
     steps_per_epoch = math.ceil(task.train_rows / global_batch) if batch_known else 1
-    ds_config = resolve_deepspeed_config(config, env.world_size, config.train.epochs * steps_per_epoch)
+    total_steps = config.train.epochs * steps_per_epoch
+    ds_config = resolve_deepspeed(config.deepspeed, env.world_size, total_steps, warmup_steps(total_steps))
     engine = ds.build_engine(task.model.to(env.device), ds_config)
     if env.is_main:
         options.run_dir.mkdir(parents=True, exist_ok=True)

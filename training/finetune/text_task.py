@@ -11,24 +11,21 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import sentencepiece as spm
 import torch
 
 from data_pipeline.errors import UserError
+from training.finetune.base import FinetuneOptions
 from training.finetune.config import FinetuneConfig, parse_freeze
 from training.finetune.data import IGNORE_INDEX, Encoded, TaskData, collate, load_task_data
 from training.finetune.heads import TaskModel, apply_freeze, load_encoder
 from training.finetune.metrics import classification_scores, entity_scores, regression_scores
 from training.finetune.subsets import class_balanced_subset
 from training.models.bert import BertConfig, BertForPreTraining
-from training.objectives.bert import bert_config_from_section
-
-if TYPE_CHECKING:
-    from training.finetune.loop import FinetuneOptions
-
+from training.methods.bert import bert_config_from_section
 
 @dataclass
 class ModelSource:
@@ -43,7 +40,7 @@ class ModelSource:
 
 
 def _tokenizer_file(path: str) -> Path:
-    from data_pipeline.tokenizer import load_processor, resolve_model_path, verify_specials
+    from data_pipeline.text.tokenizer import load_processor, resolve_model_path, verify_specials
 
     model_file = resolve_model_path(path)
     verify_specials(load_processor(model_file), model_file)
@@ -72,7 +69,7 @@ def resolve_source(model: str, tokenizer: str | None, config: FinetuneConfig) ->
         vocab_size = spm.SentencePieceProcessor(model_file=str(spm_path)).GetPieceSize()
         model_config = bert_config_from_section(section, vocab_size, max_len, next_sentence_head=False)
         return ModelSource(model, model_config, None, spm_path)
-    from training.export import load_encoder_weights
+    from training.export.bert_read import load_encoder_weights
 
     model_config, state_dict, spm_path = load_encoder_weights(model)
     if tokenizer is not None and _tokenizer_file(tokenizer).read_bytes() != Path(spm_path).read_bytes():
@@ -101,9 +98,7 @@ def write_task_export(
     ``none``), so the encoder part is a complete pre-training export. The task head's weights are added
     to the same model.safetensors under ``head.*``; config.json describes the task under ``finetune``.
     """
-    from safetensors.torch import load_file, save_file
-
-    from training.export import TIED_ALIASES, WEIGHTS_FILE, retie, write_export
+    from training.export.bert import TIED_ALIASES, retie, write_export
 
     if source.state_dict is not None:
         base, export_config = source.state_dict, source.model_config
@@ -129,14 +124,15 @@ def write_task_export(
         **facts,
     }
     card = {"source": f"fine-tuned from {source.location}", "metrics": facts}
+    # The head is a top-level name beside bert./cls., which the writer stores as it is.
     write_export(
-        out_dir, retie(full), export_config, source.spm_path, card=card, extra_config={"finetune": task}
+        out_dir,
+        retie({**full, **head}),
+        export_config,
+        source.spm_path,
+        card=card,
+        extra_config={"finetune": task},
     )
-    weights = out_dir / WEIGHTS_FILE
-    merged = {**load_file(str(weights)), **head}
-    partial = weights.with_name(weights.name + ".partial")
-    save_file(merged, str(partial), metadata={"format": "pt"})
-    partial.replace(weights)
 
 
 def decode_predictions(logits: torch.Tensor, batch: Sequence[Encoded], task_type: str) -> list[Any]:

@@ -1,4 +1,4 @@
-"""``pretrain export`` of a SimCLR run: the ResNet encoder under torchvision's names, plus config.json.
+"""The ResNet export of a SimCLR run: the encoder under torchvision's names, plus config.json.
 
 The export directory holds ``model.safetensors`` (the encoder: ``torchvision.models.resnet18/50()``
 loads it with ``strict=False`` and misses only ``fc.*``), ``config.json`` (the architecture, the
@@ -8,29 +8,25 @@ is a pre-training device and is left out, as in SimCLR's evaluation protocol.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from data_pipeline.errors import UserError
 from training import checkpoint as ckpt
-from training.export import (
-    CARD_FILE,
+from training.export.checkpoints import consolidate, final_metrics, find_checkpoint
+from training.export.files import (
     CONFIG_FILE,
-    DTYPES,
     WEIGHTS_FILE,
-    consolidate,
-    final_metrics,
-    find_checkpoint,
+    ExportFiles,
+    card_tables,
+    check_dtype,
+    publish,
     read_export_config,
+    read_weights,
 )
 from training.models.resnet import ResNet, resnet
 from training.simclr import build_simclr
@@ -38,11 +34,12 @@ from training.simclr.augment import IMAGENET_MEAN, IMAGENET_STD
 
 EXPORT_FORMAT = "torchvision"
 ENCODER_PREFIX = "encoder."
-OBJECTIVE = "simclr"
+METHOD = "simclr"
+"""The pre-training method whose runs export a ResNet (recorded as ``objective`` in the trainer state)."""
 
 
-def run_objective(run_dir: Path, step: int | None = None) -> str:
-    """The objective of a run's checkpoint (``bert`` for checkpoints that record none)."""
+def run_method(run_dir: Path, step: int | None = None) -> str:
+    """The pre-training method of a run's checkpoint (``bert`` for checkpoints that record none)."""
     return str(ckpt.read_trainer_state(find_checkpoint(run_dir, step)).get("objective", "bert"))
 
 
@@ -93,12 +90,12 @@ def read_simclr_checkpoint(
     """Consolidate a SimCLR run's checkpoint: (model config, encoder state_dict in torchvision names, card).
 
     Raises:
-        UserError: As :func:`training.export.find_checkpoint` and :func:`training.export.consolidate`, or
-            a checkpoint that is not SimCLR's.
+        UserError: As :func:`~training.export.checkpoints.find_checkpoint` and
+            :func:`~training.export.checkpoints.consolidate`, or a checkpoint that is not SimCLR's.
     """
     tag_dir = find_checkpoint(run_dir, step)
     state = ckpt.read_trainer_state(tag_dir)
-    if state.get("objective") != OBJECTIVE or "model_config" not in state:
+    if state.get("objective") != METHOD or "model_config" not in state:
         raise UserError(
             f"checkpoint {tag_dir}: not a simclr checkpoint (objective {state.get('objective')!r})"
         )
@@ -158,17 +155,8 @@ def card_text(model_config: dict[str, Any], dtype: str, card: dict[str, Any]) ->
         ]
     if card.get("source"):
         lines += ["", f"Exported from `{card['source']}`."]
-    for title, key in (
-        ("Training", "training"),
-        ("Preprocessing", "preprocessing"),
-        ("Final metrics", "metrics"),
-    ):
-        section = card.get(key) or {}
-        if section:
-            lines += ["", f"## {title}", "", "| | |", "|---|---|"]
-            lines += [f"| {name} | {value} |" for name, value in section.items()]
-    for note in card.get("notes") or []:
-        lines += ["", f"Note: {note}"]
+    sections = (("Training", "training"), ("Preprocessing", "preprocessing"), ("Final metrics", "metrics"))
+    lines += card_tables(card, sections, str)
     return "\n".join(lines) + "\n"
 
 
@@ -197,44 +185,16 @@ def write_resnet_export(
     Raises:
         UserError: Unknown dtype, or weights that do not fit the recorded ResNet.
     """
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
-    out_dir = Path(out_dir).resolve()
+    check_dtype(dtype)
     check_encoder_state(encoder, model_config, "weights to export")
     card = dict(card or {})
-    target = DTYPES[dtype]
-    tensors = {
-        name: tensor.detach().to(target).contiguous() if tensor.is_floating_point() else tensor.contiguous()
-        for name, tensor in {**encoder, **(classifier or {})}.items()
-    }
-    staging = out_dir.with_name(f".{out_dir.name}.partial{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_file(tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
-    (staging / WEIGHTS_FILE).chmod(0o644)
     num_classes = int(classifier["fc.weight"].shape[0]) if classifier else None
     config = {
         **export_config(model_config, dtype, card.get("preprocessing") or {}, num_classes),
         **(extra_config or {}),
     }
-    (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    (staging / CARD_FILE).write_text(card_text(model_config, dtype, card), encoding="utf-8")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for path in sorted(staging.iterdir()):
-        os.replace(path, out_dir / path.name)
-    staging.rmdir()
-
-
-def is_image_export(path: Path) -> bool:
-    """Whether ``path`` is an export directory of a SimCLR encoder."""
-    config_path = path / CONFIG_FILE
-    if not config_path.is_file():
-        return False
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return False
-    return isinstance(config, dict) and (config.get("pretrain") or {}).get("format") == EXPORT_FORMAT
+    weights = {**encoder, **(classifier or {})}
+    publish(out_dir, ExportFiles(weights, config, card_text(model_config, dtype, card)), dtype)
 
 
 def load_image_encoder(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
@@ -252,14 +212,8 @@ def load_image_encoder(path: str) -> tuple[dict[str, Any], dict[str, torch.Tenso
     if (root / CONFIG_FILE).is_file():
         config = read_export_config(root)
         model_config = dict(config["pretrain"]["model_config"])
-        weights = root / WEIGHTS_FILE
-        if not weights.is_file():
-            raise UserError(f"{root}: no {WEIGHTS_FILE}")
-        with safe_open(str(weights), framework="pt") as handle:
-            names = [name for name in handle.keys() if not name.startswith("fc.")]  # noqa: SIM118
-            encoder = {name: handle.get_tensor(name) for name in names}
-        encoder = {name: t.float() if t.is_floating_point() else t for name, t in encoder.items()}
-        check_encoder_state(encoder, model_config, str(weights))
+        encoder = read_weights(root, keep=lambda name: not name.startswith("fc."))
+        check_encoder_state(encoder, model_config, str(root / WEIGHTS_FILE))
         return model_config, encoder, dict(config.get("preprocessing") or {})
     if (root / "checkpoints").is_dir():
         model_config, encoder, card = read_simclr_checkpoint(root)

@@ -41,73 +41,81 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Consolidate, cast, write; print a short summary. Imports torch and DeepSpeed only now."""
-    from training import export
+    from training.export import bert, resnet
 
     if getattr(args, "passthrough", None):
         raise UserError(f"pretrain export takes no arguments after `--`, got {args.passthrough}")
-    export.check_options(args.format, args.dtype)  # before the (long) consolidation
+    bert.check_options(args.format, args.dtype)  # before the (long) consolidation
     started = time.perf_counter()
     run_dir, out_dir = Path(args.run_dir), Path(args.out)
-    from training import export_simclr
-
-    if export_simclr.run_objective(run_dir, args.step) == export_simclr.OBJECTIVE:
+    if resnet.run_method(run_dir, args.step) == resnet.METHOD:
         return run_simclr(args, run_dir, out_dir, started)
+    return run_bert(args, run_dir, out_dir, started)
+
+
+def run_bert(args: argparse.Namespace, run_dir: Path, out_dir: Path, started: float) -> int:
+    """Export a BERT run in the ``native`` or ``hf`` layout, with its tokenizer."""
+    from training.dtypes import DTYPES
+    from training.export.bert import TIED_ALIASES, hf_tokenizer_problem, write_export
+    from training.export.bert_read import read_run_checkpoint
+    from training.export.files import WEIGHTS_FILE
+
     tokenizer = Path(args.tokenizer) if args.tokenizer else None
-    model_config, state_dict, spm_model_path, card = export.read_run_checkpoint(
-        run_dir, args.step, export.DTYPES[args.dtype], tokenizer
+    model_config, state_dict, spm_model_path, card = read_run_checkpoint(
+        run_dir, args.step, DTYPES[args.dtype], tokenizer
     )
-    export.write_export(
+    write_export(
         out_dir, state_dict, model_config, spm_model_path, fmt=args.format, dtype=args.dtype, card=card
     )
-    parameters = sum(t.numel() for n, t in state_dict.items() if n not in export.TIED_ALIASES)
+    parameters = sum(t.numel() for n, t in state_dict.items() if n not in TIED_ALIASES)
     del state_dict
-    size = (out_dir / export.WEIGHTS_FILE).stat().st_size
+    size = (out_dir / WEIGHTS_FILE).stat().st_size
     rows = [
         ("checkpoint", card["source"]),
         ("step", str(card["training"].get("step"))),
         ("format / dtype", f"{args.format} / {args.dtype}"),
         ("parameters", f"{parameters:,}"),
-        ("weights", f"{out_dir / export.WEIGHTS_FILE} ({size / 2**20:.1f} MiB)"),
+        ("weights", f"{out_dir / WEIGHTS_FILE} ({size / 2**20:.1f} MiB)"),
         ("files", ", ".join(sorted(path.name for path in out_dir.iterdir()))),
         ("time", f"{time.perf_counter() - started:.1f} s"),
     ]
     rows += [("note", note) for note in card.get("notes", [])]
     if args.format == "hf":
-        problem = export.hf_tokenizer_problem(spm_model_path)
+        problem = hf_tokenizer_problem(spm_model_path)
         if problem:
             rows.append(("note", f"no HF tokenizer.json: {problem}"))
-    width = max(len(name) for name, _ in rows)
-    print("\n".join(f"{name.ljust(width)}  {value}" for name, value in rows))
+    print_rows(rows)
     return 0
 
 
 def print_rows(rows: list[tuple[str, str]]) -> None:
+    """The summary: one ``name  value`` line per row, names padded to one width."""
     width = max(len(name) for name, _ in rows)
     print("\n".join(f"{name.ljust(width)}  {value}" for name, value in rows))
 
 
 def run_simclr(args: argparse.Namespace, run_dir: Path, out_dir: Path, started: float) -> int:
     """Export a SimCLR run's encoder (torchvision ResNet names); ``--format``/``--tokenizer`` do not apply."""
-    from training import export, export_simclr
+    from training.dtypes import DTYPES
+    from training.export import resnet
+    from training.export.files import WEIGHTS_FILE
 
     if args.format != "native" or args.tokenizer:
         raise UserError(
             f"{run_dir}: a simclr run exports its ResNet encoder in torchvision's layout; "
             "--format hf and --tokenizer apply to BERT runs only"
         )
-    model_config, encoder, card = export_simclr.read_simclr_checkpoint(
-        run_dir, args.step, export.DTYPES[args.dtype]
-    )
-    extra = {"pretrained_with": export_simclr.OBJECTIVE}
-    export_simclr.write_resnet_export(out_dir, encoder, model_config, dtype=args.dtype, card=card, extra_config=extra)
+    model_config, encoder, card = resnet.read_simclr_checkpoint(run_dir, args.step, DTYPES[args.dtype])
+    extra = {"pretrained_with": resnet.METHOD}
+    resnet.write_resnet_export(out_dir, encoder, model_config, dtype=args.dtype, card=card, extra_config=extra)
     parameters = sum(t.numel() for t in encoder.values() if t.is_floating_point())
-    size = (out_dir / export.WEIGHTS_FILE).stat().st_size
+    size = (out_dir / WEIGHTS_FILE).stat().st_size
     rows = [
         ("checkpoint", card["source"]),
         ("step", str(card["training"].get("step"))),
-        ("format / dtype", f"{export_simclr.EXPORT_FORMAT} (resnet{model_config['depth']}) / {args.dtype}"),
+        ("format / dtype", f"{resnet.EXPORT_FORMAT} (resnet{model_config['depth']}) / {args.dtype}"),
         ("parameters", f"{parameters:,} (encoder; projection head left out)"),
-        ("weights", f"{out_dir / export.WEIGHTS_FILE} ({size / 2**20:.1f} MiB)"),
+        ("weights", f"{out_dir / WEIGHTS_FILE} ({size / 2**20:.1f} MiB)"),
         ("files", ", ".join(sorted(path.name for path in out_dir.iterdir()))),
         ("time", f"{time.perf_counter() - started:.1f} s"),
     ]
