@@ -12,6 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
+from data_pipeline.command_common import format_table
 from data_pipeline.errors import UserError
 
 
@@ -90,8 +91,7 @@ def run_bert(args: argparse.Namespace, run_dir: Path, out_dir: Path, started: fl
 
 def print_rows(rows: list[tuple[str, str]]) -> None:
     """The summary: one ``name  value`` line per row, names padded to one width."""
-    width = max(len(name) for name, _ in rows)
-    print("\n".join(f"{name.ljust(width)}  {value}" for name, value in rows))
+    print(format_table(rows))
 
 
 def run_simclr(args: argparse.Namespace, run_dir: Path, out_dir: Path, started: float) -> int:

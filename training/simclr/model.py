@@ -102,9 +102,6 @@ def build_simclr(
     temperature: float = 0.1,
     zero_init_residual: bool = False,
 ) -> SimCLRModel:
-    """A :class:`SimCLRModel` over a ResNet of ``depth`` (18, 34, 50 or 101); see its arguments.
-
-    Suited to the model registry: ``register_model("simclr", build_simclr)``.
-    """
+    """A :class:`SimCLRModel` over a ResNet of ``depth`` (18, 34, 50 or 101); see its arguments."""
     encoder = resnet(depth, num_classes=None, cifar_stem=cifar_stem, zero_init_residual=zero_init_residual)
     return SimCLRModel(encoder, projection_hidden_dim, projection_dim, temperature)
