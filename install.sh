@@ -8,4 +8,5 @@ PYTHON=${PYTHON:-python3}
 if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
     "$PYTHON" -m pip install --quiet "torch==2.13.0"
 fi
-"$PYTHON" -m pip install --quiet -e ".[prepare,hf,test]"
+# dask: `prepare text/images ... -- --runner DaskRunner` on a Dask cluster or a local one.
+"$PYTHON" -m pip install --quiet -e ".[prepare,dask,hf,test]"

@@ -16,14 +16,14 @@ from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.pvalue import AsList, AsSingleton, TaggedOutput
 
+from data_pipeline.errors import UserError
 from data_pipeline.formats.manifest import MANIFEST_NAME, document_counts, manifest_text
 from data_pipeline.rejects import Reject, reject_lines
+from data_pipeline.runners import staging_arguments, worker_count
 
 REJECTS = "rejects"
 COUNT = "count"
 PROGRESS_SECONDS = 10.0
-# A distributed runner's worker count is unknown before it starts: assume this many.
-DISTRIBUTED_WORKERS = 32
 
 
 def stored_path(output: str, relative: str) -> str:
@@ -157,17 +157,32 @@ class WriteManifest(beam.PTransform):
         )
 
 
-def make_pipeline(beam_args: list[str]) -> tuple[beam.Pipeline, int]:
-    """A pipeline for ``beam_args`` and its worker count (``DISTRIBUTED_WORKERS`` for a distributed runner).
+def needs_rebalance(inputs: int, workers: int | None) -> bool:
+    """Whether ``inputs`` files are too few to keep ``workers`` busy (always, when the count is unknown).
 
+    A rebalance reshuffles the records after reading; it changes no output byte, only who does the work.
+    """
+    return workers is None or inputs < 2 * workers
+
+
+def make_pipeline(beam_args: list[str]) -> tuple[beam.Pipeline, int | None]:
+    """A pipeline for ``beam_args`` and its worker count (None when only the cluster knows it).
+
+    A cluster runner's workers get this project's code (:func:`data_pipeline.runners.staging_arguments`).
     Beam's own DirectRunner first tries the Prism runner, which downloads a binary (and fails
     offline); a local run therefore goes straight to the FnApiRunner it would fall back to, which
     honours ``--direct_num_workers`` and ``--direct_running_mode`` itself.
+
+    Raises:
+        UserError: Beam refused the runner (an unknown ``--runner``, a runner whose extra is missing).
     """
-    options = PipelineOptions(beam_args)
-    if options.view_as(StandardOptions).runner not in (None, "DirectRunner", "direct"):
-        return beam.Pipeline(options=options), DISTRIBUTED_WORKERS
-    from apache_beam.options.pipeline_options import DirectOptions
+    options = PipelineOptions(beam_args + staging_arguments(beam_args))
+    runner_name = options.view_as(StandardOptions).runner
+    if runner_name not in (None, "DirectRunner", "direct"):
+        try:
+            return beam.Pipeline(options=options), worker_count(options)
+        except (ValueError, ImportError) as error:
+            raise UserError(f"--runner {runner_name}: {error}") from error
     from apache_beam.portability.api import beam_provision_api_pb2
     from apache_beam.runners.portability.fn_api_runner import fn_runner
     from apache_beam.runners.portability.portable_runner import JobServiceHandle
@@ -177,6 +192,4 @@ def make_pipeline(beam_args: list[str]) -> tuple[beam.Pipeline, int]:
         beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)
     )
     runner = fn_runner.FnApiRunner(provision_info=provision)
-    return beam.Pipeline(runner=runner, options=options), options.view_as(
-        DirectOptions
-    ).direct_num_workers or 1
+    return beam.Pipeline(runner=runner, options=options), worker_count(options)

@@ -11,10 +11,21 @@ from typing import Any
 
 from data_pipeline.errors import UserError
 from data_pipeline.formats.manifest import MANIFEST_NAME
+from data_pipeline.runners import STAGING_OPTIONS, option_name, option_value, resolve_runner
 
-# Options that change how fast the job runs, never what it writes: kept out of the manifest so that
-# any worker count gives a byte-identical output directory.
-EXECUTION_ONLY_OPTIONS = ("direct_num_workers", "direct_running_mode", "default_sdk_harness_log_level")
+# Options that change how fast or where the job runs, never what it writes: kept out of the manifest so
+# that any worker count, cluster or staged package gives a byte-identical output directory.
+EXECUTION_ONLY_OPTIONS = (
+    "direct_num_workers",
+    "direct_running_mode",
+    "default_sdk_harness_log_level",
+    "num_workers",
+    "max_num_workers",
+    "parallelism",
+    *STAGING_OPTIONS,
+)
+# Every option of the Dask runner (address, timeouts, partitioning) is execution-only too.
+EXECUTION_ONLY_PREFIXES = ("dask_",)
 
 
 @dataclass(frozen=True)
@@ -34,22 +45,31 @@ def hide_optional_gcp_warning() -> None:
     logging.getLogger().addFilter(lambda record: "apitools not found" not in record.getMessage())
 
 
-def _option_name(arg: str) -> str:
-    return arg.lstrip("-").split("=", 1)[0]
+def joined_options(passthrough: list[str]) -> list[str]:
+    """Beam options in ``--name=value`` form: ``["--runner", "DaskRunner"]`` -> ``["--runner=DaskRunner"]``.
+
+    Beam takes no positional arguments, so a word that follows an option without ``=`` is its value.
+    """
+    joined: list[str] = []
+    for arg in passthrough:
+        if joined and not arg.startswith("--") and joined[-1].startswith("--") and "=" not in joined[-1]:
+            joined[-1] = f"{joined[-1]}={arg}"
+        else:
+            joined.append(arg)
+    return joined
 
 
 def beam_arguments(passthrough: list[str], cores: int) -> list[str]:
-    """The user's Beam options, plus the local multi-process DirectRunner defaults they did not set."""
-    given = {_option_name(arg) for arg in passthrough if arg.startswith("--")}
+    """The user's Beam options (``--name=value`` form, the runner's full name), plus the local
+    multi-process DirectRunner defaults they did not set.
+
+    Raises:
+        UserError: A runner option that cannot work (see :func:`data_pipeline.runners.resolve_runner`).
+    """
+    given_args = joined_options(passthrough)
+    given = {option_name(arg) for arg in given_args if arg.startswith("--")}
     defaults = ["--runner=DirectRunner"]
-    runner = None
-    for i, arg in enumerate(passthrough):
-        if arg.startswith("--") and _option_name(arg) == "runner":
-            runner = (
-                arg.split("=", 1)[1]
-                if "=" in arg
-                else (passthrough[i + 1] if i + 1 < len(passthrough) else "")
-            )
+    runner = option_value(given_args, "runner")
     if runner is None or runner in ("DirectRunner", "direct"):
         defaults += [
             "--direct_running_mode=multi_processing",
@@ -57,7 +77,12 @@ def beam_arguments(passthrough: list[str], cores: int) -> list[str]:
             # Local workers otherwise log every harness step at INFO over the progress lines.
             "--default_sdk_harness_log_level=WARNING",
         ]
-    return [arg for arg in defaults if _option_name(arg) not in given] + list(passthrough)
+    return resolve_runner([arg for arg in defaults if option_name(arg) not in given] + given_args)
+
+
+def _execution_only(arg: str) -> bool:
+    name = option_name(arg)
+    return name in EXECUTION_ONLY_OPTIONS or name.startswith(EXECUTION_ONLY_PREFIXES)
 
 
 def recorded_options(args: argparse.Namespace, beam_args: list[str]) -> dict[str, Any]:
@@ -65,7 +90,7 @@ def recorded_options(args: argparse.Namespace, beam_args: list[str]) -> dict[str
     options = {
         key: value for key, value in sorted(vars(args).items()) if key not in ("output", "passthrough")
     }
-    options["beam"] = [arg for arg in beam_args if _option_name(arg) not in EXECUTION_ONLY_OPTIONS]
+    options["beam"] = [arg for arg in beam_args if not _execution_only(arg)]
     return options
 
 

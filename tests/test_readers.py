@@ -71,6 +71,9 @@ def random_lines(count: int, seed: int = 0) -> list[str]:
         ("e.xml", "wiki"),
         ("enwiki-latest-pages-articles-multistream.xml.bz2", "wiki"),
         ("enwiki-20240101-pages-articles1.xml-p1p41242.bz2", "wiki"),
+        ("enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2", "wiki"),
+        ("gs://dumps/ENWIKI-LATEST-PAGES-ARTICLES27.XML-P1P2.BZ2", "wiki"),
+        ("f.json", "jsonl"),
     ],
 )
 def test_detect_format_from_extension(path: str, expected: str) -> None:
@@ -256,6 +259,13 @@ def test_wiki_dump_articles_and_rejects(tmp_path: Path, suffix: str) -> None:
 def test_wiki_multistream_bz2(tmp_path: Path) -> None:
     path = tmp_path / "enwiki-latest-pages-articles-multistream.xml.bz2"
     path.write_bytes(b"".join(bz2.compress(part.encode()) for part in multistream_parts()))
+    assert summary(read(path)) == EXPECTED_WIKI_RECORDS
+
+
+def test_shortened_split_dump_name_is_read_as_wiki(tmp_path: Path) -> None:
+    # A real dump file name that README's `*pages-articles*.xml*.bz2` promises to recognise.
+    name = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+    path = write(tmp_path / name, WIKI_DUMP.encode())  # bz2-compressed by its suffix
     assert summary(read(path)) == EXPECTED_WIKI_RECORDS
 
 

@@ -24,6 +24,7 @@ from data_pipeline.beam_common import (
     WriteManifest,
     WriteRejects,
     make_pipeline,
+    needs_rebalance,
     stored_path,
     tag_reject,
     write_atomically,
@@ -242,6 +243,6 @@ def run_image_job(
 ) -> None:
     """Build the image job and run it to completion; a failed job raises what the runner raised."""
     pipeline, workers = make_pipeline(beam_args)
-    rebalance = len(sources) < 2 * workers
+    rebalance = needs_rebalance(len(sources), workers)
     build_image_pipeline(pipeline, sources, config, static, rebalance=rebalance)
     pipeline.run().wait_until_finish()

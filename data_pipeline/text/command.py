@@ -3,6 +3,8 @@
     pretrain prepare text corpus/*.jsonl.gz wiki.xml.bz2 --tokenizer tok/ --output shards/
     pretrain prepare text 'gs://bucket/text/*' --tokenizer tok/spm.model --output gs://bucket/shards \\
         -- --runner=DataflowRunner --project=P --region=R --temp_location=gs://bucket/tmp
+    pretrain prepare text /shared/corpus --tokenizer /shared/tok --output /shared/shards \\
+        -- --runner DaskRunner --dask_client_address tcp://HOST:8786
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `pretrain prepare text`."""
     parser.epilog = (
         "Beam pipeline options go after a bare `--`. Without --runner the job runs locally on the "
-        "DirectRunner with --direct_running_mode=multi_processing --direct_num_workers=<all cores>."
+        "DirectRunner with --direct_running_mode=multi_processing --direct_num_workers=<all cores>; "
+        "--runner DaskRunner [--dask_client_address tcp://HOST:8786] runs it on a Dask cluster (a local "
+        "one without an address)."
     )
     parser.add_argument(
         "inputs", nargs="+", metavar="INPUT", help="files, directories, globs or filesystem URLs"

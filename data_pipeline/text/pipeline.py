@@ -27,6 +27,7 @@ from data_pipeline.beam_common import (
     WriteRejects,
     atomic_sink,
     make_pipeline,
+    needs_rebalance,
     stored_path,
     tag_reject,
 )
@@ -389,5 +390,5 @@ def build_pipeline(
 def run_job(paths: list[str], config: JobConfig, static: dict[str, Any], beam_args: list[str]) -> None:
     """Build the job, run it to completion; a failed job raises what the runner raised."""
     pipeline, workers = make_pipeline(beam_args)
-    build_pipeline(pipeline, paths, config, static, rebalance=len(paths) < 2 * workers)
+    build_pipeline(pipeline, paths, config, static, rebalance=needs_rebalance(len(paths), workers))
     pipeline.run().wait_until_finish()

@@ -8,6 +8,7 @@ a ``Document`` or as a ``Reject`` whose ``reason`` is one of ``REJECT_REASONS``.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import re
@@ -62,12 +63,14 @@ _EXTENSIONS = {
     ".txt": "txt",
     ".text": "txt",
     ".jsonl": "jsonl",
+    ".json": "jsonl",
     ".ndjson": "jsonl",
     ".parquet": "parquet",
     ".xml": "wiki",
 }
-# Split dumps are named like "enwiki-...-pages-articles1.xml-p1p41242.bz2".
-_SPLIT_WIKI_DUMP = re.compile(r"\.xml-p\d+p\d+$")
+# Wikipedia dump names, whatever follows ".xml": "enwiki-latest-pages-articles1.xml-p1p41242.bz2",
+# "...-pages-articles-multistream.xml.bz2", "...pages-articles1.xml-p10p30302-shortened.bz2".
+WIKI_DUMP_PATTERN = "*pages-articles*.xml*"
 _BOM = b"\xef\xbb\xbf"
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # Errors a damaged compressed or XML stream raises while being read.
@@ -128,8 +131,9 @@ def compression_of(path: str) -> str | None:
 def detect_format(path: str, options: ReaderOptions) -> str:
     """The input format of ``path``: ``options.input_format`` if set, else from the extension.
 
-    The compression extension is ignored, so ``a.jsonl.gz`` is ``"jsonl"``; ``*.xml`` and split dumps
-    such as ``*pages-articles1.xml-p1p41242.bz2`` are ``"wiki"``.
+    The compression extension is ignored, so ``a.jsonl.gz`` is ``"jsonl"``; ``*.xml`` and every file
+    named like a Wikipedia dump (``WIKI_DUMP_PATTERN``: ``*pages-articles1.xml-p1p41242.bz2``,
+    ``*pages-articles-multistream.xml.bz2``) are ``"wiki"``.
 
     Raises:
         UserError: The extension names no known format and no ``input_format`` was given.
@@ -140,7 +144,7 @@ def detect_format(path: str, options: ReaderOptions) -> str:
     extension = os.path.splitext(stem)[1].lower()
     if extension in _EXTENSIONS:
         return _EXTENSIONS[extension]
-    if _SPLIT_WIKI_DUMP.search(stem.lower()):
+    if fnmatch.fnmatchcase(os.path.basename(path).lower(), WIKI_DUMP_PATTERN):
         return "wiki"
     known = ", ".join(sorted(_EXTENSIONS))
     raise UserError(
