@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from data_pipeline.errors import UserError
+from training.stop import RankFailure
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -117,6 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as error:
         print(f"pretrain {name}: error: {error}", file=sys.stderr)
         return 2
+    except RankFailure as error:
+        print(f"pretrain {name}: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"pretrain {name}: interrupted", file=sys.stderr)
         return 130

@@ -47,6 +47,8 @@ def config_file(tmp_path: Path) -> Path:
         ({"model": {"next_sentence_head": "maybe"}}, r"^model\.next_sentence_head: expected true, false or 'auto'"),
         ({"optimiser": {}}, r"^optimiser: unknown section"),
         ({"data": [1, 2]}, r"^data: expected a mapping"),
+        ({"train": {"collective_timeout_s": "10m"}}, r"^train\.collective_timeout_s: expected float, got '10m'"),
+        ({"train": {"collective_timeout_s": 0}}, r"^train\.collective_timeout_s: expected seconds > 0, got 0"),
     ],
 )
 def test_bad_keys_and_types_name_the_key_path(raw: dict, message: str) -> None:
@@ -60,6 +62,7 @@ def test_defaults_file_and_set_precedence(config_file: Path) -> None:
     assert config.train.total_steps == 100  # --set beats the file
     assert config.train.log_every == 5  # the file beats the default
     assert config.train.save_every == 200  # the default
+    assert config.train.collective_timeout_s == 600.0  # ten minutes unless set
     assert config.model.dropout == 0.0 and isinstance(config.model.dropout, float)
     assert config.model.next_sentence_head is False
     assert config.deepspeed["zero_optimization"] == {"stage": 3}

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from collections.abc import Sequence
@@ -25,6 +26,9 @@ from training.simclr import SimCLRConfig
 
 # Schedulers whose length DeepSpeed reads from ``params.total_num_steps``.
 SCHEDULERS_WITH_LENGTH = ("WarmupDecayLR", "WarmupCosineLR")
+
+ADAM_TYPES = ("adam", "adamw")
+"""DeepSpeed optimizer types (any case) that build DeepSpeed's own Adam unless ``torch_adam`` is set."""
 
 
 @dataclass
@@ -81,6 +85,9 @@ class TrainConfig:
     """Run validation every this many steps (0 turns validation off)."""
     val_batches: int = 20
     """Validation micro-batches per rank at each validation."""
+    collective_timeout_s: float = 600.0
+    """Seconds a rank waits in a collective (all-reduce, barrier) for the others before the run fails,
+    naming the rank that stopped answering. Defaults to 600 (10 minutes)."""
 
 
 @dataclass
@@ -219,6 +226,9 @@ def _check_values(config: Config) -> None:
     for key in ("val_every", "val_batches"):
         if getattr(config.train, key) < 0:
             raise UserError(f"train.{key}: expected an int >= 0, got {getattr(config.train, key)}")
+    timeout = config.train.collective_timeout_s
+    if not 0 < timeout < float("inf"):  # NaN too
+        raise UserError(f"train.collective_timeout_s: expected seconds > 0, got {timeout}")
     if config.simclr is not None:
         config.simclr.validate()
 
@@ -317,19 +327,56 @@ def zero_stage(deepspeed: dict[str, Any]) -> int:
     return stage
 
 
+def prefer_torch_adam(deepspeed: dict[str, Any], cuda: bool) -> bool:
+    """Without CUDA, make an Adam/AdamW optimizer section use torch's optimizer: set ``torch_adam: true``.
+
+    DeepSpeed's fused Adam is a C++ op compiled on first use: minutes of silence and over a GB of memory
+    per compiler on a CPU machine, for no gain there. A ``torch_adam`` the config sets itself is kept.
+
+    Args:
+        deepspeed: A literal DeepSpeed config, changed in place.
+        cuda: Whether the run has a CUDA device.
+
+    Returns:
+        Whether ``torch_adam`` was set.
+    """
+    optimizer = deepspeed.get("optimizer")
+    if cuda or not isinstance(optimizer, dict) or str(optimizer.get("type", "")).lower() not in ADAM_TYPES:
+        return False
+    if optimizer.get("params") is None:
+        optimizer["params"] = {}
+    params = optimizer["params"]
+    if not isinstance(params, dict) or "torch_adam" in params:
+        return False
+    params["torch_adam"] = True
+    return True
+
+
+def _cuda_available() -> bool:
+    import torch  # here, so that reading a config stays fast
+
+    return torch.cuda.is_available()
+
+
 def resolve_deepspeed(
-    deepspeed: dict[str, Any], world_size: int, total_steps: int, warmup_steps: int | None = None
+    deepspeed: dict[str, Any],
+    world_size: int,
+    total_steps: int,
+    warmup_steps: int | None = None,
+    cuda: bool | None = None,
 ) -> dict[str, Any]:
     """A literal DeepSpeed config made ready for a run: gradient accumulation and scheduler lengths set.
 
     A WarmupDecayLR/WarmupCosineLR scheduler gets ``total_num_steps`` and, when ``warmup_steps`` is given,
-    ``warmup_num_steps``; values the config sets itself are kept.
+    ``warmup_num_steps``; values the config sets itself are kept. Without CUDA an Adam/AdamW optimizer
+    uses torch's implementation (:func:`prefer_torch_adam`); that decision is printed once, by rank 0.
 
     Args:
         deepspeed: The ``deepspeed:`` section; ``train_batch_size`` is the fixed global batch. Not changed.
         world_size: Number of data-parallel ranks.
         total_steps: Optimizer steps of the whole run (the schedule's length).
         warmup_steps: Warm-up steps of the schedule. Defaults to None (the scheduler's own default).
+        cuda: Whether the run has a CUDA device. Defaults to None (ask torch).
 
     Raises:
         UserError: Batch sizes missing or not divisible, or a given gradient_accumulation_steps disagrees.
@@ -352,17 +399,26 @@ def resolve_deepspeed(
         params.setdefault("total_num_steps", total_steps)
         if warmup_steps is not None:
             params.setdefault("warmup_num_steps", warmup_steps)
+    cuda = _cuda_available() if cuda is None else cuda
+    # RANK is set by then: every launcher sets it, and a single process's setup sets it to 0.
+    if prefer_torch_adam(resolved, cuda) and os.environ.get("RANK", "0") == "0":
+        print(
+            "deepspeed.optimizer: no CUDA device, so params.torch_adam: true "
+            "(torch's Adam instead of compiling DeepSpeed's fused Adam for the CPU)",
+            flush=True,
+        )
     return resolved
 
 
-def resolve_deepspeed_config(config: Config, world_size: int) -> dict[str, Any]:
+def resolve_deepspeed_config(config: Config, world_size: int, cuda: bool | None = None) -> dict[str, Any]:
     """The DeepSpeed config of a pre-training run: :func:`resolve_deepspeed` over ``train.total_steps``.
 
     Args:
         config: The training config; ``deepspeed.train_batch_size`` is the fixed global batch.
         world_size: Number of data-parallel ranks.
+        cuda: Whether the run has a CUDA device. Defaults to None (ask torch).
 
     Raises:
         UserError: As :func:`resolve_deepspeed`.
     """
-    return resolve_deepspeed(config.deepspeed, world_size, config.train.total_steps)
+    return resolve_deepspeed(config.deepspeed, world_size, config.train.total_steps, cuda=cuda)

@@ -48,9 +48,11 @@ def _reraise_user_errors(batches: Iterator[dict[str, Any]]) -> Iterator[dict[str
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """Workers ignore SIGTERM/SIGUSR1: launchers and SLURM signal every process of a job, but the main
-    process must finish its step (with these workers' batches) and save before it ends them itself."""
+    """Workers ignore SIGTERM/SIGINT/SIGUSR1: launchers, SLURM and Ctrl-C signal every process of a job,
+    but the main process must finish its step (with these workers' batches) and save before it ends them
+    itself."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
