@@ -313,3 +313,59 @@ def test_a_program_left_with_a_live_multi_worker_iterator_still_exits(tmp_path: 
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "batch"
+
+
+def copy_with_changed_shards(source: Path, tmp_path: Path, change: Any) -> Path:
+    """``edit_manifest`` with an unchanged manifest, then every train shard replaced by ``change(bytes)``."""
+    target = edit_manifest(source, tmp_path, lambda m: None)
+    for shard in target.glob("train-*.tar"):
+        payload = change(bytearray(shard.read_bytes()))
+        shard.unlink()  # a link to the shared fixture: replace it, do not write through it
+        shard.write_bytes(bytes(payload))
+    return target
+
+
+def _flip_last_byte(payload: bytearray) -> bytearray:
+    # The last byte lies in the tar's trailing zero blocks: the shard still reads, only its sha256 differs.
+    payload[-1] ^= 0xFF
+    return payload
+
+
+def test_a_changed_shard_fails_its_sha256_even_in_a_worker(data_dir: Path, tmp_path: Path) -> None:
+    changed = copy_with_changed_shards(data_dir, tmp_path, _flip_last_byte)
+    with pytest.raises(UserError, match=r"train-00000\d\.tar: sha256 [0-9a-f]{64} differs from the manifest"):
+        next(iter(loader(changed, num_workers=2)))
+    assert len(next(iter(loader(changed, verify="size")))["sample_ids"]) == MICRO_BATCH
+
+
+def test_a_shard_of_another_size_is_refused_when_the_loader_is_built(data_dir: Path, tmp_path: Path) -> None:
+    longer = copy_with_changed_shards(data_dir, tmp_path, lambda payload: payload + b"\0" * 512)
+    with pytest.raises(UserError, match=r"train-000000\.tar: \d+ bytes, the manifest says \d+ bytes"):
+        loader(longer, verify="size")
+    assert len(next(iter(loader(longer, verify="none")))["sample_ids"]) == MICRO_BATCH
+
+
+def test_shards_without_checksums_need_a_weaker_check(data_dir: Path, tmp_path: Path) -> None:
+    def drop(manifest: dict[str, Any]) -> None:
+        for shard in manifest["splits"]["train"]["shards"]:
+            shard["sha256"] = None
+
+    unchecked = edit_manifest(data_dir, tmp_path, drop)
+    with pytest.raises(UserError, match=r"records no sha256.*--verify-shards size"):
+        loader(unchecked)
+    loader(unchecked, verify="size")
+    with pytest.raises(UserError, match=r"--verify-shards 'fast': expected one of full, size, none"):
+        loader(unchecked, verify="fast")
+
+
+def test_each_shard_is_hashed_once_per_process(data_dir: Path, tmp_path: Path, monkeypatch: Any) -> None:
+    from training.data import files
+
+    hashed: list[int] = []
+    digest = files.file_digest
+    monkeypatch.setattr(files, "file_digest", lambda handle: hashed.append(1) or digest(handle))
+    fresh = edit_manifest(data_dir, tmp_path, lambda m: None)  # a new location: not hashed yet here
+    # Two epochs over 7 shards with 4 open handles reopen shards, and a second loader opens them again.
+    run_steps([loader(fresh)], 2 * 500 // GLOBAL_BATCH)
+    run_steps([loader(fresh)], 5)
+    assert len(hashed) == 7

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
+from data_pipeline.formats.location import join_location
 from data_pipeline.formats.manifest import FORMAT_NAME, ManifestError, read_manifest
 from data_pipeline.formats.text import (
     Example,
@@ -102,3 +103,31 @@ def test_manifest_errors_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps({"format": FORMAT_NAME}))
     with pytest.raises(ManifestError, match="lacks keys"):
         read_manifest(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/etc/passwd", "../x.tar", "a/../../x.tar", "./x.tar", "a//x.tar", "x.tar/", "-rf.tar", "a/-x.tar",
+     "x.tar; touch y", "$(id).tar", "x\n.tar", ""],
+)
+def test_manifest_paths_must_stay_plain_and_inside_the_data(tmp_path: Path, path: str) -> None:
+    shard = {"path": path, "samples": 1, "bytes": 10, "sha256": None}
+    manifest = {
+        "format": FORMAT_NAME, "splits": {"train": {"samples": 1, "shards": [shard]}},
+        "tokenizer": {"path": "tokenizer/spm.model"}, "seq_len": 8, "objective": "none", "seed": 0,
+        "documents": {},
+    }
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match=r"splits\.train\.shards\[0\]\.path"):
+        read_manifest(str(tmp_path))
+    manifest["splits"]["train"]["shards"][0]["path"] = "sub/train-000000.tar"
+    manifest["tokenizer"]["path"] = path
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match=r"tokenizer\.path"):
+        read_manifest(str(tmp_path))
+
+
+def test_pipe_locations_quote_what_is_appended() -> None:
+    assert join_location("pipe:cat /data/", "train-000000.tar") == "pipe:cat /data/train-000000.tar"
+    assert join_location("pipe:cat /data", "a b; touch x") == "pipe:cat /data/'a b; touch x'"
+    assert join_location("/data/", "a b") == "/data/a b"

@@ -511,7 +511,12 @@ def test_random_resized_crop_box_stays_inside_and_in_range() -> None:
 def test_corrupt_image_is_a_user_error_naming_the_sample(tmp_path: Path) -> None:
     write_image_dir(tmp_path, {"train": [8]})
     samples = [(f"bad-{i:02d}", b"not a jpeg", 0) for i in range(8)]
-    _write_tar(tmp_path / "train-000000.tar", samples)
+    shard = tmp_path / "train-000000.tar"
+    _write_tar(shard, samples)
+    # The manifest describes the shard as written (its size and sha256 pass the shard checks).
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0].update(bytes=shard.stat().st_size, sha256=file_sha256(shard))
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match=r"image .*train-000000.tar:bad-0\d: cannot decode"):
         next(iter(_loader(tmp_path)))
 
@@ -536,3 +541,28 @@ def test_sample_count_mismatch_names_the_shard(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="train-000000.tar: 9 samples in manifest, 8 images in file"):
         next(iter(_loader(tmp_path)))
+
+
+def test_knn_monitor_is_decided_at_start_with_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from training.config import load_config
+    from training.engine import DistEnv
+    from training.methods.base import MethodContext
+    from training.methods.simclr import knn_monitor_for
+
+    data = write_image_dir(tmp_path, {"train": [8], "val": []})
+    manifest = json.loads((data / "manifest.json").read_text())
+    config = load_config("configs/simclr-tiny.yaml")
+    section = config.simclr
+    assert section is not None
+    context = MethodContext(config, DistEnv(0, 1, 0, torch.device("cpu")), {}, str(data))
+    assert not knn_monitor_for(context, section, manifest)
+    assert "kNN validation skipped: split 'val' of the data holds no images" in capsys.readouterr().out
+    silent = load_config("configs/simclr-tiny.yaml", ["train.val_every=0"])
+    assert not knn_monitor_for(MethodContext(silent, context.env, {}, str(data)), section, manifest)
+    assert capsys.readouterr().out == ""
+    (tmp_path / "usable").mkdir()
+    usable = write_image_dir(tmp_path / "usable", {"train": [8], "val": [2]})
+    usable_context = MethodContext(config, context.env, {}, str(usable))
+    assert knn_monitor_for(usable_context, section, json.loads((usable / "manifest.json").read_text()))

@@ -16,6 +16,7 @@ import argparse
 from pathlib import Path
 
 from data_pipeline.errors import UserError
+from training.data.files import DEFAULT_VERIFY, VERIFY_MODES
 
 
 def _positive(text: str) -> int:
@@ -47,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--trace-samples",
         action="store_true",
         help="append the id of every consumed sample to RUN_DIR/trace/rankNNNNN.txt",
+    )
+    parser.add_argument(
+        "--verify-shards",
+        choices=VERIFY_MODES,
+        default=DEFAULT_VERIFY,
+        help="check shards against the manifest: full (size at start, sha256 when first read; default), "
+        "size (size only), none (trust the files)",
     )
     parser.add_argument(
         "--set",
@@ -82,5 +90,6 @@ def run(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         resume=args.resume,
         trace_samples=args.trace_samples,
+        verify_shards=args.verify_shards,
     )
     return train(config, options)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import shlex
 from typing import IO
 
 
@@ -13,7 +14,13 @@ def is_local(location: str) -> bool:
 
 
 def join_location(data_dir: str, relative: str) -> str:
-    """``data_dir/relative``; a ``pipe:CMD DIR`` location becomes ``pipe:CMD DIR/relative``."""
+    """``data_dir/relative``; a ``pipe:CMD DIR`` location becomes ``pipe:CMD DIR/relative``.
+
+    For a ``pipe:`` location ``relative`` is shell-quoted, so that it stays one word of the command
+    whatever it holds (a plain file name is left as it is).
+    """
+    if data_dir.startswith("pipe:"):
+        relative = shlex.quote(relative)
     return data_dir.rstrip("/") + "/" + relative
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -23,6 +25,9 @@ FORMAT_NAME = "pretrain-chunked-v1"
 IMAGE_FORMAT_NAME = "pretrain-images-v1"
 SPLITS = ("train", "val")
 TOKENIZER_COPY = "tokenizer/spm.model"
+# What a path inside a manifest may hold: it is joined to the data directory, and for a ``pipe:``
+# location it becomes part of a shell command, so only plain file-name characters are allowed.
+SAFE_PATH = re.compile(r"[A-Za-z0-9._/-]+")
 
 REQUIRED_MANIFEST_KEYS = ("format", "splits", "tokenizer", "seq_len", "objective", "seed", "documents")
 REQUIRED_IMAGE_MANIFEST_KEYS = ("format", "splits", "classes", "image_size", "seed", "images", "documents")
@@ -72,6 +77,7 @@ def read_manifest(location: str, expected_format: str | None = FORMAT_NAME) -> d
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ManifestError(f"manifest {source} is not valid JSON: {error}") from error
     check_format(manifest, source, expected_format)
+    check_paths(manifest, source)
     return manifest
 
 
@@ -94,6 +100,50 @@ def check_format(manifest: Any, source: str, expected_format: str | None = FORMA
     if found not in KNOWN_FORMATS or (expected_format is not None and found != expected_format):
         expected = expected_format or " or ".join(KNOWN_FORMATS)
         raise ManifestError(f"manifest {source}: format {found!r}, expected {expected!r}")
+
+
+def check_relative_path(value: str, source: str, key: str) -> None:
+    """Refuse a manifest path that could leave the data directory or read as more than a file name.
+
+    The path must be relative and normalised (no ``..``, ``.``, empty or trailing component), of
+    the characters in ``SAFE_PATH``, and no component may start with ``-`` (an option to a command).
+
+    Args:
+        value: The path as the manifest gives it.
+        source: The manifest's location, for the message.
+        key: The manifest key that holds it (``splits.train.shards[0].path``), for the message.
+
+    Raises:
+        ManifestError: Naming the manifest, the key and the value.
+    """
+    parts = value.split("/")
+    if (
+        SAFE_PATH.fullmatch(value) is None
+        or value.startswith("/")
+        or posixpath.normpath(value) != value
+        or any(part in ("", ".", "..") or part.startswith("-") for part in parts)
+    ):
+        raise ManifestError(
+            f"manifest {source}: {key} {value!r} is not a plain path inside the data directory "
+            "(relative, normalised, no '..', only letters, digits and '._/-', no part starting with '-')"
+        )
+
+
+def check_paths(manifest: dict[str, Any], source: str) -> None:
+    """Check every path the manifest lists (shards of each split, the tokenizer copy).
+
+    Only string paths are checked here; a missing or mistyped one is :func:`check_split`'s and
+    :func:`check_manifest`'s to report.
+    """
+    splits = manifest.get("splits")
+    for split, entry in (splits.items() if isinstance(splits, dict) else ()):
+        shards = entry.get("shards") if isinstance(entry, dict) else None
+        for index, shard in enumerate(shards if isinstance(shards, list) else ()):
+            if isinstance(shard, dict) and isinstance(shard.get("path"), str):
+                check_relative_path(shard["path"], source, f"splits.{split}.shards[{index}].path")
+    tokenizer = manifest.get("tokenizer")
+    if isinstance(tokenizer, dict) and isinstance(tokenizer.get("path"), str):
+        check_relative_path(tokenizer["path"], source, "tokenizer.path")
 
 
 def _is_count(value: Any) -> bool:

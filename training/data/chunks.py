@@ -17,7 +17,7 @@ from numpy.typing import NDArray
 
 from data_pipeline.errors import UserError
 from data_pipeline.formats.text import Chunk
-from training.data.files import ShardFiles
+from training.data.files import DEFAULT_VERIFY, ShardFiles
 
 MIN_CACHED_CHUNKS = 8
 
@@ -83,10 +83,13 @@ class ChunkReader:
         data_dir: The data directory (local path or URL).
         shards: The split's ``shards`` entries from the manifest.
         window_samples: Samples per shuffle window (sizes the chunk cache).
+        verify: How the shard files are checked (:class:`ShardFiles`). Defaults to ``DEFAULT_VERIFY``.
     """
 
-    def __init__(self, data_dir: str, shards: list[dict[str, Any]], window_samples: int) -> None:
-        self.files = ShardFiles(data_dir, shards)
+    def __init__(
+        self, data_dir: str, shards: list[dict[str, Any]], window_samples: int, verify: str = DEFAULT_VERIFY
+    ) -> None:
+        self.files = ShardFiles(data_dir, shards, verify)
         self.window_samples = window_samples
         self.cached_chunks = MIN_CACHED_CHUNKS
         self.indexes: dict[int, ShardIndex] = {}

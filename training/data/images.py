@@ -21,7 +21,7 @@ from data_pipeline.formats.manifest import (
     check_split,
     read_manifest,
 )
-from training.data.files import ShardFiles
+from training.data.files import DEFAULT_VERIFY, ShardFiles
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
 NO_LABEL = -1
@@ -87,10 +87,11 @@ class ImageReader:
     Args:
         data_dir: The data directory (local path or URL).
         shards: The split's ``shards`` entries from the manifest.
+        verify: How the shard files are checked (:class:`ShardFiles`). Defaults to ``DEFAULT_VERIFY``.
     """
 
-    def __init__(self, data_dir: str, shards: list[dict[str, Any]]) -> None:
-        self.files = ShardFiles(data_dir, shards)
+    def __init__(self, data_dir: str, shards: list[dict[str, Any]], verify: str = DEFAULT_VERIFY) -> None:
+        self.files = ShardFiles(data_dir, shards, verify)
         self.indexes: dict[int, ImageMembers] = {}
 
     def index(self, shard: int) -> ImageMembers:

@@ -24,6 +24,7 @@ from data_pipeline.errors import UserError
 from data_pipeline.formats.location import join_location, open_binary
 from data_pipeline.formats.manifest import check_manifest, read_manifest, split_identity
 from training.data.chunks import ChunkReader
+from training.data.files import DEFAULT_VERIFY, require_checksums
 from training.data.loader import StepLoader, check_eval_partition, eval_batches
 from training.masking import (
     MaskingConfig,
@@ -38,10 +39,23 @@ from training.order import DEFAULT_WINDOW_SAMPLES, make_partition
 TRAIN_MASK_STREAM, VALIDATION_MASK_STREAM = 0, 1
 
 
-def load_word_starts(data_dir: str, manifest: dict[str, Any]) -> NDArray[np.bool_]:
-    """The word-start table of the manifest's tokenizer, after checking its size and sha256."""
+def load_word_starts(
+    data_dir: str, manifest: dict[str, Any], verify: str = DEFAULT_VERIFY
+) -> NDArray[np.bool_]:
+    """The word-start table of the manifest's tokenizer, after checking its size and sha256.
+
+    Args:
+        data_dir: Directory (or URL) holding ``manifest.json``.
+        manifest: Its manifest, checked.
+        verify: ``full`` refuses a tokenizer entry without ``sha256``. Defaults to ``DEFAULT_VERIFY``.
+    """
     info = manifest["tokenizer"]
     location = join_location(data_dir, info["path"])
+    if verify == "full" and not info.get("sha256"):
+        raise UserError(
+            f"tokenizer {location}: the manifest records no sha256; pass --verify-shards size (or none) "
+            "to use it unchecked"
+        )
     try:
         with open_binary(location) as stream:
             model = stream.read()
@@ -71,6 +85,7 @@ class TextSource:
     masking: MaskingConfig
     seed: int
     window_samples: int
+    verify: str = DEFAULT_VERIFY
     shards: list[dict[str, Any]] = field(init=False)
     shard_samples: NDArray[np.int64] = field(init=False)
     identity: str = field(init=False)
@@ -78,7 +93,7 @@ class TextSource:
 
     def __post_init__(self) -> None:
         self.shards = self.manifest["splits"][self.split]["shards"]
-        self.reader = ChunkReader(self.data_dir, self.shards, self.window_samples)
+        self.reader = ChunkReader(self.data_dir, self.shards, self.window_samples, self.verify)
         self.never_masked = special_table(len(self.word_starts))
         self.shard_samples = np.array([shard["samples"] for shard in self.shards], dtype=np.int64)
         self.identity = split_identity(self.manifest, self.split)
@@ -162,8 +177,19 @@ class TextSource:
             )
 
 
-def text_source(data_dir: str, split: str, seed: int, masking: MaskingConfig, window_samples: int) -> TextSource:
-    """Read and check the manifest and tokenizer of a text data directory; return the split's source."""
+def text_source(
+    data_dir: str,
+    split: str,
+    seed: int,
+    masking: MaskingConfig,
+    window_samples: int,
+    verify: str = DEFAULT_VERIFY,
+) -> TextSource:
+    """Read and check the manifest and tokenizer of a text data directory; return the split's source.
+
+    The split's shards are checked as ``verify`` says (:mod:`training.data.files`): their sizes now,
+    each sha256 when a process first opens the shard.
+    """
     masking.validate()
     if not isinstance(seed, int) or seed < 0:
         raise UserError(f"seed must be a non-negative integer, got {seed!r}")
@@ -172,7 +198,9 @@ def text_source(data_dir: str, split: str, seed: int, masking: MaskingConfig, wi
     data_dir = str(data_dir)
     manifest = read_manifest(data_dir)
     check_manifest(manifest, data_dir, split)
-    return TextSource(data_dir, manifest, split, load_word_starts(data_dir, manifest), masking, seed, window_samples)
+    require_checksums(data_dir, manifest["splits"][split]["shards"], verify)
+    word_starts = load_word_starts(data_dir, manifest, verify)
+    return TextSource(data_dir, manifest, split, word_starts, masking, seed, window_samples, verify)
 
 
 def text_loader(
@@ -187,6 +215,7 @@ def text_loader(
     masking: MaskingConfig | None = None,
     num_workers: int = 2,
     window_samples: int = DEFAULT_WINDOW_SAMPLES,
+    verify: str = DEFAULT_VERIFY,
 ) -> StepLoader[TextSource]:
     """The resumable loader of masked text micro batches of one rank.
 
@@ -201,10 +230,51 @@ def text_loader(
         masking: Masking probabilities. Defaults to ``MaskingConfig()``.
         num_workers: DataLoader worker processes (0: build batches in this process). Defaults to 2.
         window_samples: Shuffle window within a shard, in samples. Defaults to 16384.
+        verify: Shard checks, ``full``, ``size`` or ``none`` (:mod:`training.data.files`). Defaults to full.
     """
     partition = make_partition(global_batch_size, micro_batch_size, world_size, rank)
-    source = text_source(data_dir, split, seed, masking or MaskingConfig(), window_samples)
+    source = text_source(data_dir, split, seed, masking or MaskingConfig(), window_samples, verify)
     return StepLoader(source, partition, split=split, seed=seed, num_workers=num_workers)
+
+
+def validation_source(
+    data_dir: str, *, seed: int = 0, masking: MaskingConfig | None = None, verify: str = DEFAULT_VERIFY
+) -> TextSource:
+    """The ``val`` split as a source of evaluation batches (manifest, tokenizer and shard sizes checked now).
+
+    Args:
+        data_dir: Directory (or URL) holding ``manifest.json``.
+        seed: Masking seed. Defaults to 0.
+        masking: Masking probabilities. Defaults to ``MaskingConfig()``.
+        verify: Shard checks, ``full``, ``size`` or ``none``. Defaults to full.
+    """
+    return text_source(data_dir, "val", seed, masking or MaskingConfig(), DEFAULT_WINDOW_SAMPLES, verify)
+
+
+def source_validation_batches(
+    source: TextSource,
+    *,
+    micro_batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    max_batches: int | None = None,
+    num_workers: int = 0,
+) -> Iterator[dict[str, Any]]:
+    """One pass over the split of ``source`` with its fixed mask key; see :func:`validation_batches`."""
+    check_eval_partition(micro_batch_size, rank, world_size)
+    total = int(source.shard_samples.sum())
+    yield from eval_batches(
+        source,
+        micro_batch_size=micro_batch_size,
+        rank=rank,
+        world_size=world_size,
+        max_batches=max_batches,
+        num_workers=num_workers,
+        too_few=(
+            f"split {source.split!r} of {source.data_dir} holds {total} samples, "
+            f"fewer than world size {world_size}"
+        ),
+    )
 
 
 def validation_batches(
@@ -217,6 +287,7 @@ def validation_batches(
     masking: MaskingConfig | None = None,
     max_batches: int | None = None,
     num_workers: int = 0,
+    verify: str = DEFAULT_VERIFY,
 ) -> Iterator[dict[str, Any]]:
     """The ``val`` split once, in manifest order with a fixed mask seed; each rank its own slice.
 
@@ -233,16 +304,14 @@ def validation_batches(
         masking: Masking probabilities. Defaults to ``MaskingConfig()``.
         max_batches: Stop after this many batches. Defaults to None (the whole slice).
         num_workers: DataLoader worker processes. Defaults to 0.
+        verify: Shard checks, ``full``, ``size`` or ``none``. Defaults to full.
     """
     check_eval_partition(micro_batch_size, rank, world_size)
-    source = text_source(data_dir, "val", seed, masking or MaskingConfig(), DEFAULT_WINDOW_SAMPLES)
-    total = int(source.shard_samples.sum())
-    yield from eval_batches(
-        source,
+    yield from source_validation_batches(
+        validation_source(data_dir, seed=seed, masking=masking, verify=verify),
         micro_batch_size=micro_batch_size,
         rank=rank,
         world_size=world_size,
         max_batches=max_batches,
         num_workers=num_workers,
-        too_few=f"split 'val' of {data_dir} holds {total} samples, fewer than world size {world_size}",
     )

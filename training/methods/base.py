@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from training.config import Config
+from training.data.files import DEFAULT_VERIFY
 from training.engine import DistEnv
 
 
@@ -21,6 +22,31 @@ class MethodContext:
     env: DistEnv
     ds_config: dict[str, Any]
     data_dir: str
+    verify_shards: str = DEFAULT_VERIFY
+    """How shards are checked against the manifest: ``full``, ``size`` or ``none`` (``--verify-shards``)."""
+
+    def warn(self, message: str) -> None:
+        """Print a warning on rank 0 (the only rank that logs); builders warn once, at start."""
+        if self.env.is_main:
+            print(f"warning: {message}", flush=True)
+
+
+def val_split_problem(manifest: Mapping[str, Any], world_size: int, noun: str) -> str | None:
+    """Why the ``val`` split cannot be evaluated on every rank (absent, empty, too few samples), or None.
+
+    Args:
+        manifest: The data's manifest.
+        world_size: Ranks that each evaluate an equal slice.
+        noun: What a sample is, for the message ("samples", "images").
+    """
+    splits = manifest.get("splits")
+    val = splits.get("val") if isinstance(splits, Mapping) else None
+    samples = val.get("samples") if isinstance(val, Mapping) else None
+    if not isinstance(samples, int) or samples <= 0:
+        return f"split 'val' of the data holds no {noun}"
+    if samples < world_size:
+        return f"split 'val' holds {samples} {noun}, fewer than the {world_size} ranks that evaluate it"
+    return None
 
 
 @dataclass

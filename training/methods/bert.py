@@ -13,11 +13,11 @@ import torch.distributed as dist
 from training import engine as ds
 from training.config import Config, ModelConfig
 from training.data.loader import StepLoader
-from training.data.text import TextSource, text_loader, validation_batches
+from training.data.text import TextSource, source_validation_batches, text_loader, validation_source
 from training.dtypes import DTYPES
 from training.flops import bert_train_flops_per_sequence, mfu, peak_flops
 from training.masking import MaskingConfig
-from training.methods.base import MethodContext, MicroStep, stack_sums
+from training.methods.base import MethodContext, MicroStep, stack_sums, val_split_problem
 from training.models.bert import BertConfig, BertForPreTraining, bert_config
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels", "next_sentence_label")
@@ -66,6 +66,8 @@ class BertMethod:
     loader: StepLoader[TextSource]
     bert_config: BertConfig
     model: BertForPreTraining
+    validation: TextSource | None = None
+    """The ``val`` split, or None when the run does not validate (decided at start)."""
     name: str = "bert"
     optimizer: torch.optim.Optimizer | None = None
     progress_keys: tuple[str, ...] = ("loss", "mlm_acc", "lr", "samples_per_s")
@@ -83,11 +85,6 @@ class BertMethod:
     def input_keys(self) -> tuple[str, ...]:
         # The sentence labels only go to a model that has the sentence head.
         return MODEL_INPUTS if self.bert_config.next_sentence_head else MODEL_INPUTS[:-1]
-
-    @property
-    def masking(self) -> MaskingConfig:
-        data = self.context.config.data
-        return MaskingConfig(mask_prob=data.mask_prob, whole_word=data.whole_word_mask)
 
     def forward(self, engine: Any, batch: dict[str, Any], step: int, micro: int) -> MicroStep:
         output = engine(**to_device(batch, self.context.env.device, self.input_keys))
@@ -114,17 +111,20 @@ class BertMethod:
         return metrics
 
     def evaluate(self, engine: Any) -> dict[str, float]:
-        """Mean validation loss and MLM accuracy over ``train.val_batches`` micro-batches per rank."""
+        """Mean validation loss and MLM accuracy over ``train.val_batches`` micro-batches per rank.
+
+        Empty when the run does not validate (no usable ``val`` split, see :func:`build_bert`).
+        """
+        if self.validation is None:
+            return {}
         env, config = self.context.env, self.context.config
         engine.eval()
         totals = torch.zeros(len(VAL_SUM_NAMES), dtype=torch.float64, device=env.device)
-        batches = validation_batches(
-            self.context.data_dir,
+        batches = source_validation_batches(
+            self.validation,
             micro_batch_size=self.context.ds_config["train_micro_batch_size_per_gpu"],
             rank=env.rank,
             world_size=env.world_size,
-            seed=config.train.seed,
-            masking=self.masking,
             max_batches=config.train.val_batches,
         )
         with torch.no_grad():
@@ -154,9 +154,30 @@ class BertMethod:
         return record
 
 
+def validation_for(
+    context: MethodContext, masking: MaskingConfig, manifest: dict[str, Any]
+) -> TextSource | None:
+    """The ``val`` split when the run validates (``train.val_every``) and the split can be evaluated.
+
+    Decided at start: data without a usable ``val`` split (a small corpus) trains without validation,
+    with a warning, rather than failing at the first validation step.
+    """
+    config = context.config
+    if not config.train.val_every:
+        return None
+    problem = val_split_problem(manifest, context.env.world_size, "samples")
+    if problem is not None:
+        context.warn(f"validation skipped: {problem} (train.val_every={config.train.val_every} is ignored)")
+        return None
+    return validation_source(
+        context.data_dir, seed=config.train.seed, masking=masking, verify=context.verify_shards
+    )
+
+
 def build_bert(context: MethodContext) -> BertMethod:
-    """Loader of the text shards and the BERT model they call for."""
+    """Loader of the text shards, the ``val`` split (when used) and the BERT model they call for."""
     config, env, ds_config = context.config, context.env, context.ds_config
+    masking = MaskingConfig(mask_prob=config.data.mask_prob, whole_word=config.data.whole_word_mask)
     loader = text_loader(
         context.data_dir,
         global_batch_size=ds_config["train_batch_size"],
@@ -164,8 +185,10 @@ def build_bert(context: MethodContext) -> BertMethod:
         rank=env.rank,
         world_size=env.world_size,
         seed=config.train.seed,
-        masking=MaskingConfig(mask_prob=config.data.mask_prob, whole_word=config.data.whole_word_mask),
+        masking=masking,
         num_workers=config.data.num_workers,
+        verify=context.verify_shards,
     )
+    validation = validation_for(context, masking, loader.source.manifest)
     bert = model_config_for(config, loader.source.vocab_size, loader.source.seq_len, loader.source.objective)
-    return BertMethod(context, loader, bert, BertForPreTraining(bert).to(env.device))
+    return BertMethod(context, loader, bert, BertForPreTraining(bert).to(env.device), validation)

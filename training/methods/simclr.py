@@ -11,7 +11,7 @@ import torch
 from data_pipeline.errors import UserError
 from training.config import zero_stage
 from training.data.loader import StepLoader
-from training.methods.base import MethodContext, MicroStep, stack_sums
+from training.methods.base import MethodContext, MicroStep, stack_sums, val_split_problem
 from training.simclr import (
     SimCLRConfig,
     augment,
@@ -21,7 +21,14 @@ from training.simclr import (
     make_generator,
 )
 from training.simclr.augment import AugmentConfig
-from training.simclr.images import CropConfig, ImageSource, image_eval_batches, image_loader
+from training.simclr.images import (
+    DEFAULT_IMAGE_WINDOW,
+    CropConfig,
+    ImageSource,
+    image_eval_batches,
+    image_loader,
+    image_source,
+)
 from training.simclr.knn import collect_features, knn_accuracy
 
 # The architecture fields of the simclr: section: a checkpoint resumes only with the same values.
@@ -70,6 +77,8 @@ class SimCLRMethod:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer | None
     augmentation: AugmentConfig
+    knn_monitor: bool = True
+    """Whether :meth:`evaluate` runs the kNN monitor (decided at start, see :func:`knn_monitor_for`)."""
     name: str = "simclr"
     data_fingerprint: str | None = None
     progress_keys: tuple[str, ...] = ("loss", "pos_acc", "lr", "images_per_s")
@@ -101,7 +110,7 @@ class SimCLRMethod:
 
     def evaluate(self, engine: Any) -> dict[str, float]:
         """kNN accuracy of val images against a memory bank of train features (empty without labels/val)."""
-        if not has_knn_data(self.loader.source.manifest, self.context.env.world_size):
+        if not self.knn_monitor:
             return {}
         config, env = self.context.config, self.context.env
         common = {
@@ -110,6 +119,7 @@ class SimCLRMethod:
             "rank": env.rank,
             "world_size": env.world_size,
             "eval_crop_fraction": self.section.eval_crop_fraction,
+            "verify": self.context.verify_shards,
         }
         engine.eval()
         encode = engine.module.encode
@@ -143,10 +153,44 @@ class SimCLRMethod:
         return {"images_per_s": samples_per_s}
 
 
+def knn_data_problem(manifest: dict[str, Any], world_size: int) -> str | None:
+    """Why a kNN monitor cannot run (unlabelled images, no val image for every rank), or None."""
+    if not manifest.get("classes"):
+        return "the images have no classes"
+    return val_split_problem(manifest, world_size, "images")
+
+
 def has_knn_data(manifest: dict[str, Any], world_size: int) -> bool:
     """Whether a kNN monitor can run: labelled images and a val split with an image for every rank."""
-    val = (manifest.get("splits") or {}).get("val") or {}
-    return bool(manifest.get("classes")) and int(val.get("samples") or 0) >= world_size
+    return knn_data_problem(manifest, world_size) is None
+
+
+def knn_monitor_for(context: MethodContext, section: SimCLRConfig, manifest: dict[str, Any]) -> bool:
+    """Whether the run evaluates a kNN monitor (``train.val_every`` and usable data), decided at start.
+
+    Data without labels or a usable ``val`` split trains without the monitor, with a warning; a
+    usable ``val`` split is checked now (manifest entries, shard sizes) rather than at the first
+    evaluation.
+    """
+    val_every = context.config.train.val_every
+    if not val_every:
+        return False
+    problem = knn_data_problem(manifest, context.env.world_size)
+    if problem is not None:
+        context.warn(f"kNN validation skipped: {problem} (train.val_every={val_every} is ignored)")
+        return False
+    # Built for its checks only (each evaluation opens the split anew, as it does the train split).
+    image_source(
+        context.data_dir,
+        "val",
+        section.image_size,
+        0,
+        DEFAULT_IMAGE_WINDOW,
+        CropConfig(),
+        section.eval_crop_fraction,
+        context.verify_shards,
+    )
+    return True
 
 
 def build_simclr(context: MethodContext) -> SimCLRMethod:
@@ -166,7 +210,9 @@ def build_simclr(context: MethodContext) -> SimCLRMethod:
         seed=config.train.seed,
         crop=CropConfig(scale_min=section.crop_scale_min),
         num_workers=config.data.num_workers,
+        verify=context.verify_shards,
     )
+    knn_monitor = knn_monitor_for(context, section, loader.source.manifest)
     model = build_model(section).to(env.device)
     optimizer = build_optimizer(model, section)
-    return SimCLRMethod(context, section, loader, model, optimizer, augment_config(section))
+    return SimCLRMethod(context, section, loader, model, optimizer, augment_config(section), knn_monitor)

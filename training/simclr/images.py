@@ -31,6 +31,7 @@ from PIL import Image
 
 from data_pipeline.errors import UserError
 from data_pipeline.formats.manifest import split_identity
+from training.data.files import DEFAULT_VERIFY, require_checksums
 from training.data.images import ImageReader, read_image_manifest
 from training.data.loader import StepLoader, check_eval_partition, eval_batches
 from training.order import make_partition, order_rng
@@ -157,13 +158,14 @@ class ImageSource:
     window_samples: int
     crop: CropConfig = CropConfig()
     eval_crop_fraction: float = 0.875
+    verify: str = DEFAULT_VERIFY
     shard_samples: NDArray[np.int64] = field(init=False)
     identity: str = field(init=False)
     reader: ImageReader = field(init=False)
 
     def __post_init__(self) -> None:
         shards = self.manifest["splits"][self.split]["shards"]
-        self.reader = ImageReader(self.data_dir, shards)
+        self.reader = ImageReader(self.data_dir, shards, self.verify)
         self.shard_samples = np.array([shard["samples"] for shard in shards], dtype=np.int64)
         self.identity = split_identity(self.manifest, self.split)
 
@@ -219,8 +221,12 @@ def image_source(
     window_samples: int,
     crop: CropConfig,
     eval_crop_fraction: float = 0.875,
+    verify: str = DEFAULT_VERIFY,
 ) -> ImageSource:
-    """Read and check the manifest and options of an image data directory; return the split's source."""
+    """Read and check the manifest and options of an image data directory; return the split's source.
+
+    The split's shards are checked as ``verify`` says (:mod:`training.data.files`).
+    """
     for name, value in (("image_size", image_size), ("window_samples", window_samples)):
         if not isinstance(value, int) or value < 1:
             raise UserError(f"{name} must be a positive integer, got {value!r}")
@@ -230,7 +236,10 @@ def image_source(
         raise UserError(f"eval_crop_fraction must be in (0, 1], got {eval_crop_fraction!r}")
     crop.validate()
     manifest = read_image_manifest(str(data_dir), split)
-    return ImageSource(str(data_dir), manifest, split, image_size, seed, window_samples, crop, eval_crop_fraction)
+    require_checksums(str(data_dir), manifest["splits"][split]["shards"], verify)
+    return ImageSource(
+        str(data_dir), manifest, split, image_size, seed, window_samples, crop, eval_crop_fraction, verify
+    )
 
 
 def image_loader(
@@ -246,6 +255,7 @@ def image_loader(
     crop: CropConfig | None = None,
     num_workers: int = 4,
     window_samples: int = DEFAULT_IMAGE_WINDOW,
+    verify: str = DEFAULT_VERIFY,
 ) -> StepLoader[ImageSource]:
     """The resumable loader of two-view uint8 micro batches of one rank.
 
@@ -264,9 +274,12 @@ def image_loader(
         crop: Random resized crop ranges. Defaults to ``CropConfig()``.
         num_workers: DataLoader processes decoding images. Defaults to 4.
         window_samples: Shuffle window within a shard, in images. Defaults to 4096.
+        verify: Shard checks, ``full``, ``size`` or ``none``. Defaults to full.
     """
     partition = make_partition(global_batch_size, micro_batch_size, world_size, rank)
-    source = image_source(data_dir, split, image_size, seed, window_samples, crop or CropConfig())
+    source = image_source(
+        data_dir, split, image_size, seed, window_samples, crop or CropConfig(), verify=verify
+    )
     return StepLoader(source, partition, split=split, seed=seed, num_workers=num_workers)
 
 
@@ -281,6 +294,7 @@ def image_eval_batches(
     eval_crop_fraction: float = 0.875,
     max_batches: int | None = None,
     num_workers: int = 0,
+    verify: str = DEFAULT_VERIFY,
 ) -> Iterator[dict[str, Any]]:
     """One pass over a split in manifest order, central crops; each rank an equal contiguous slice.
 
@@ -298,9 +312,12 @@ def image_eval_batches(
         eval_crop_fraction: Central share of the shorter side kept (224/256). Defaults to 0.875.
         max_batches: Stop after this many batches. Defaults to None (the whole slice).
         num_workers: DataLoader worker processes. Defaults to 0.
+        verify: Shard checks, ``full``, ``size`` or ``none``. Defaults to full.
     """
     check_eval_partition(micro_batch_size, rank, world_size)
-    source = image_source(data_dir, split, image_size, 0, DEFAULT_IMAGE_WINDOW, CropConfig(), eval_crop_fraction)
+    source = image_source(
+        data_dir, split, image_size, 0, DEFAULT_IMAGE_WINDOW, CropConfig(), eval_crop_fraction, verify
+    )
     total = int(source.shard_samples.sum())
     yield from eval_batches(
         source,
