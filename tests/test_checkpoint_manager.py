@@ -92,7 +92,7 @@ def test_a_save_commits_the_layout_and_a_resume_restores_every_part(tmp_path: Pa
     tag_dir = tmp_path / "checkpoints" / "step00000003"
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step00000003"
     assert ckpt.complete_tags(tmp_path / "checkpoints") == ["step00000002", "step00000003"]  # keep_last=2
-    assert (tag_dir / "rng_state_rank00000.pt").is_file()
+    assert (tag_dir / "rng_state_rank00000.json").is_file()
     state = json.loads((tag_dir / "trainer_state.json").read_text())
     assert set(state) == STATE_KEYS and state["objective"] == "bert" and state["loader"]["position"] == 48
     assert state["trace_lengths"] == {"rank00000.txt": len("a.tar:1\na.tar:2\na.tar:3\n")}
@@ -121,3 +121,114 @@ def test_a_checkpoint_of_another_method_or_architecture_is_refused(tmp_path: Pat
     with pytest.raises(UserError, match="model config hidden_size differs: checkpoint 32, now 48"):
         wider.plan(os.fspath(tmp_path / "checkpoints" / "step00000000"))
     assert checkpoints.plan("never") is None
+
+
+def saved_steps(tmp_path: Path, steps: tuple[int, ...]) -> CheckpointManager:
+    """A manager keeping every tag, with checkpoints saved at ``steps``."""
+    checkpoints, progress, _ = manager(tmp_path)
+    checkpoints.keep_last = len(steps)
+    for step in steps:
+        progress.step = step
+        checkpoints.save(FakeEngine(), step)
+    return checkpoints
+
+
+def test_complete_records_every_file_and_damage_falls_back_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoints = saved_steps(tmp_path, (1, 2))
+    newest = tmp_path / "checkpoints" / "step00000002"
+    marker = json.loads((newest / ckpt.COMPLETE_MARKER).read_text())
+    assert set(marker["files"]) == {"mp_rank_00_model_states.pt", "rng_state_rank00000.json", "trainer_state.json"}
+    assert ckpt.damage(newest) is None
+    model = newest / "mp_rank_00_model_states.pt"
+    model.write_bytes(model.read_bytes()[:50])
+    assert "mp_rank_00_model_states.pt has 50 bytes" in (ckpt.damage(newest) or "")
+
+    plan = checkpoints.plan("auto")
+    assert plan is not None and plan.source.name == "step00000001"
+    assert "step00000002 is damaged: mp_rank_00_model_states.pt" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"--resume .*step00000002: damaged checkpoint: mp_rank_00_model_states"):
+        checkpoints.plan(os.fspath(newest))  # named explicitly: refused, never replaced by another tag
+    # A flipped byte keeps the size: the sha256 finds it.
+    rng = tmp_path / "checkpoints" / "step00000001" / "rng_state_rank00000.json"
+    rng.write_text(rng.read_text().replace('"version": 3', '"version": 4'))
+    assert "rng_state_rank00000.json does not match the sha256" in (ckpt.damage(rng.parent) or "")
+    with pytest.raises(UserError, match="no checkpoint loads: checkpoint step00000002 is damaged"):
+        checkpoints.plan("auto")
+
+
+def test_a_planted_pickle_is_refused_even_under_an_old_marker(tmp_path: Path) -> None:
+    saved_steps(tmp_path, (1,))
+    tag_dir = tmp_path / "checkpoints" / "step00000001"
+    (tag_dir / ckpt.COMPLETE_MARKER).write_text(json.dumps({"tag": tag_dir.name}))  # before sizes were recorded
+    assert ckpt.damage(tag_dir) is None
+    marker = tmp_path / "planted"
+    torch.save({"module": {}, "planted": Planted(str(marker))}, tag_dir / "mp_rank_00_model_states.pt")
+    problem = ckpt.damage(tag_dir) or ""
+    assert "mp_rank_00_model_states.pt is refused: it needs posix.system" in problem
+    assert not marker.exists()
+
+
+class Planted:
+    """Runs ``touch PATH`` when unpickled by a full unpickler."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_rng_states_round_trip_as_json_and_old_pickled_files_still_load(tmp_path: Path) -> None:
+    import random
+
+    import numpy as np
+
+    from training import rng_state
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    rng_state.save_rng(tmp_path, 0)
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    assert rng_state.load_rng(tmp_path, 0)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    # A checkpoint from before the JSON file: its pickle is read with weights_only=True.
+    (tmp_path / "old").mkdir()
+    torch.save(rng_state.capture_rng(), rng_state.legacy_rng_path(tmp_path / "old", 0))
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    assert rng_state.load_rng(tmp_path / "old", 0)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    assert not rng_state.load_rng(tmp_path / "old", 1)
+
+
+def test_abandoned_tags_move_aside_and_a_name_clash_gets_a_suffix(tmp_path: Path) -> None:
+    saved_steps(tmp_path, (1, 2, 3))
+    checkpoint_dir = tmp_path / "checkpoints"
+    (checkpoint_dir / ckpt.ABANDONED_DIR / "step00000003").mkdir(parents=True)  # an earlier abandoned one
+    assert ckpt.set_aside_newer(checkpoint_dir, 1) == ["step00000002", "step00000003"]
+    assert ckpt.complete_tags(checkpoint_dir) == ["step00000001"]
+    abandoned = sorted(path.name for path in (checkpoint_dir / ckpt.ABANDONED_DIR).iterdir())
+    assert abandoned == ["step00000002", "step00000003", "step00000003.1"]
+    assert ckpt.is_complete(checkpoint_dir / ckpt.ABANDONED_DIR / "step00000003.1")
+
+
+
+def test_newer_tags_move_aside_only_once_the_resume_is_adopted(tmp_path: Path) -> None:
+    checkpoints = saved_steps(tmp_path, (1, 2, 3))
+    checkpoint_dir, older = tmp_path / "checkpoints", os.fspath(tmp_path / "checkpoints" / "step00000001")
+    wider = CheckpointManager(
+        checkpoint_dir, checkpoints.env, identity(hidden_size=48), checkpoints.parts, checkpoints.traces, 3
+    )
+    with pytest.raises(UserError, match="hidden_size differs"):
+        wider.plan(older)
+    with pytest.raises(UserError, match=r"step 3, past train.total_steps 2.*--set train.total_steps"):
+        checkpoints.plan("auto", total_steps=2)
+    plan = checkpoints.plan(older)
+    assert ckpt.complete_tags(checkpoint_dir) == ["step00000001", "step00000002", "step00000003"]
+    checkpoints.load(FakeEngine(), plan)
+    checkpoints.adopt(plan)
+    assert ckpt.complete_tags(checkpoint_dir) == ["step00000001"]
+    assert (checkpoint_dir / "latest").read_text() == "step00000001"
+    assert sorted(path.name for path in (checkpoint_dir / ckpt.ABANDONED_DIR).iterdir()) == [
+        "step00000002", "step00000003",
+    ]

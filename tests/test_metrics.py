@@ -96,3 +96,16 @@ def test_progress_line() -> None:
         line
         == "step 120/600 (20.0%) | loss 3.4568 | lr 1.000e-04 | samples_per_s 12,346 | tokens 4,096 | mfu 0.0"
     )
+
+
+def test_a_resume_cuts_the_rows_of_later_steps_atomically(tmp_path: Path) -> None:
+    with MetricsWriter(tmp_path, enabled=True, tensorboard=False) as writer:
+        for step in (1, 2, 3, 4):
+            writer.log(step, {"loss": float(step)})
+    with open(tmp_path / METRICS_FILE, "a", encoding="utf-8") as file:
+        file.write('{"step": 5, "lo')  # cut short by a crash
+    with MetricsWriter(tmp_path, enabled=True, tensorboard=False) as writer:  # resumed from step 2
+        assert writer.keep_until(2) == 3
+        writer.log(3, {"loss": 30.0})
+    assert [(row["step"], row["loss"]) for row in read_metrics(tmp_path)] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [METRICS_FILE]  # no temporary file left

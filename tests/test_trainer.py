@@ -210,7 +210,8 @@ def test_only_complete_tags_are_resumed_and_incomplete_ones_removed(tmp_path: Pa
     assert ckpt.latest_complete(tmp_path) == tmp_path / "step00000400"
     assert ckpt.prune(tmp_path, keep_last=2) == ["step00000100"]
     assert ckpt.complete_tags(tmp_path) == ["step00000200", "step00000400"]
-    assert ckpt.remove_newer(tmp_path, 200) == ["step00000400"]
+    assert ckpt.set_aside_newer(tmp_path, 200) == ["step00000400"]
+    assert ckpt.is_complete(tmp_path / ckpt.ABANDONED_DIR / "step00000400")  # moved aside, not deleted
 
 
 def test_traces_are_cut_back_to_the_committed_length(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Checkpoint bookkeeping around DeepSpeed's files: tags, COMPLETE markers, the pointer, pruning, RNG, traces.
+"""Checkpoint bookkeeping around DeepSpeed's files: tags, COMPLETE markers, the pointer, pruning, traces.
 
 A checkpoint directory ``RUN_DIR/checkpoints`` holds one folder per tag (``step00000200``). The commit
 protocol makes a crash at any moment harmless:
@@ -9,7 +9,10 @@ protocol makes a crash at any moment harmless:
    pointer file (write a temporary file, ``os.replace``).
 
 Resume only ever uses tags that hold ``COMPLETE``; folders without it are leftovers of an interrupted save
-and are deleted. The pointer has the name and content (the tag) DeepSpeed's own tools expect.
+and are deleted. ``COMPLETE`` records each file's size and sha256 (:mod:`training.checkpoint_files`), so a
+damaged tag is passed over for the newest sound one. Tags of an abandoned timeline (a resume from an
+older tag) are moved to ``checkpoints/abandoned/``, never deleted. The pointer has the name and content
+(the tag) DeepSpeed's own tools expect.
 :class:`training.checkpoint_manager.CheckpointManager` runs these steps; this module holds the files.
 """
 
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 from collections.abc import Iterable
@@ -25,16 +27,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from data_pipeline.errors import UserError
+from training import checkpoint_files
 
 COMPLETE_MARKER = "COMPLETE"
 POINTER_NAME = "latest"
 TRAINER_STATE_NAME = "trainer_state.json"
 UNIVERSAL_SUFFIX = "_universal"
+ABANDONED_DIR = "abandoned"
+"""Where the tags of an abandoned timeline go, inside the checkpoint folder."""
 TAG_PATTERN = re.compile(r"^step(\d{8})$")
+TRACE_NAME_PATTERN = re.compile(r"^rank\d{5}\.txt$")
 # BertConfig fields that do not change the parameters or what they compute; they may differ on resume.
 RESUMABLE_MODEL_FIELDS = frozenset(
     {"hidden_dropout_prob", "attention_probs_dropout_prob", "activation_checkpointing", "initializer_range"}
@@ -68,9 +71,51 @@ def is_complete(tag_dir: Path) -> bool:
 
 
 def mark_complete(checkpoint_dir: Path, tag: str) -> None:
-    """Commit a tag: the COMPLETE marker first, then the ``latest`` pointer (rank 0, after a barrier)."""
-    write_atomic(checkpoint_dir / tag / COMPLETE_MARKER, json.dumps({"tag": tag}) + "\n")
+    """Commit a tag: the COMPLETE marker (every file's size and sha256) first, then the ``latest`` pointer.
+
+    Rank 0 calls it after a barrier, when every rank's files are written.
+    """
+    files = checkpoint_files.file_records(checkpoint_dir / tag, skip=frozenset({COMPLETE_MARKER}))
+    marker = {"tag": tag, "files": files}
+    write_atomic(checkpoint_dir / tag / COMPLETE_MARKER, json.dumps(marker, indent=1, sort_keys=True) + "\n")
     write_atomic(checkpoint_dir / POINTER_NAME, tag)
+
+
+def damage(tag_dir: Path) -> str | None:
+    """Why a complete tag cannot be loaded safely (naming the file), or None when it is sound.
+
+    Checks the sizes and sha256 ``COMPLETE`` recorded (skipped for markers written before they were
+    recorded), that the JSON state parses, and that every ``.pt`` file loads without running code.
+    """
+    try:
+        marker = json.loads((tag_dir / COMPLETE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"{COMPLETE_MARKER} is unreadable ({error})"
+    records = marker.get("files") if isinstance(marker, dict) else None
+    problem = checkpoint_files.record_mismatch(tag_dir, records) if isinstance(records, dict) else None
+    if problem is None:
+        try:
+            json.loads((tag_dir / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            problem = f"{TRAINER_STATE_NAME} is unreadable ({error})"
+    return problem or checkpoint_files.unsafe_pickle(tag_dir)
+
+
+def newest_sound(tag_dirs: list[Path]) -> tuple[Path | None, list[str]]:
+    """The newest of ``tag_dirs`` (oldest first) that :func:`damage` passes, and a note per damaged one.
+
+    Raises:
+        UserError: Every one is damaged (the notes name each damaged file).
+    """
+    notes: list[str] = []
+    for tag_dir in reversed(tag_dirs):
+        problem = damage(tag_dir)
+        if problem is None:
+            return tag_dir, notes
+        notes.append(f"checkpoint {tag_dir.name} is damaged: {problem}")
+    if notes:
+        raise UserError("no checkpoint loads: " + "; ".join(notes))
+    return None, notes
 
 
 def complete_tags(checkpoint_dir: Path) -> list[str]:
@@ -91,24 +136,28 @@ def latest_complete(checkpoint_dir: Path) -> Path | None:
     return checkpoint_dir / tags[-1] if tags else None
 
 
-def find_resume_tag(resume: str, checkpoint_dir: Path) -> Path | None:
-    """The tag folder ``--resume`` selects, or None to start fresh.
+def find_resume_tag(resume: str, checkpoint_dir: Path) -> tuple[Path | None, list[str]]:
+    """The tag folder ``--resume`` selects (None to start fresh), and a note per damaged tag passed over.
 
     Args:
-        resume: ``auto`` (the newest complete tag of ``checkpoint_dir``, if any), ``never``, or a tag folder.
+        resume: ``auto`` (the newest sound complete tag of ``checkpoint_dir``, if any), ``never``, or a
+            tag folder (used as named: damage is refused, never replaced by another tag).
         checkpoint_dir: This run's checkpoint folder.
 
     Raises:
-        UserError: A PATH that is not a complete checkpoint.
+        UserError: A PATH that is not a complete checkpoint, a damaged PATH, or only damaged tags.
     """
     if resume == "never":
-        return None
+        return None, []
     if resume == "auto":
-        return latest_complete(checkpoint_dir)
+        return newest_sound([checkpoint_dir / tag for tag in complete_tags(checkpoint_dir)])
     path = Path(resume)
     if not is_complete(path):
         raise UserError(f"--resume {resume}: not a complete checkpoint tag folder (no {COMPLETE_MARKER})")
-    return path
+    problem = damage(path)
+    if problem is not None:
+        raise UserError(f"--resume {resume}: damaged checkpoint: {problem}")
+    return path, []
 
 
 def remove_incomplete(checkpoint_dir: Path) -> list[str]:
@@ -140,12 +189,34 @@ def remove_tag(checkpoint_dir: Path, tag: str) -> None:
     shutil.rmtree(checkpoint_dir / tag, ignore_errors=True)
 
 
-def remove_newer(checkpoint_dir: Path, step: int) -> list[str]:
-    """Delete the complete tags after ``step`` (a resume from an older tag abandons them)."""
-    doomed = [tag for tag in complete_tags(checkpoint_dir) if (step_of_tag(tag) or 0) > step]
-    for tag in doomed:
-        remove_tag(checkpoint_dir, tag)
-    return doomed
+def set_aside(checkpoint_dir: Path, tag: str) -> Path:
+    """Move a tag folder (and its universal conversion) into ``abandoned/``; returns where it went.
+
+    A name already taken there gets a numeric suffix (``step00000200.1``): nothing is overwritten.
+    """
+    abandoned = checkpoint_dir / ABANDONED_DIR
+    abandoned.mkdir(exist_ok=True)
+    target, suffix = abandoned / tag, 0
+    while target.exists() or target.with_name(target.name + UNIVERSAL_SUFFIX).exists():
+        suffix += 1
+        target = abandoned / f"{tag}.{suffix}"
+    universal = checkpoint_dir / (tag + UNIVERSAL_SUFFIX)
+    if universal.is_dir():
+        os.replace(universal, target.with_name(target.name + UNIVERSAL_SUFFIX))
+    os.replace(checkpoint_dir / tag, target)
+    return target
+
+
+def set_aside_newer(checkpoint_dir: Path, step: int) -> list[str]:
+    """Move the complete tags after ``step`` into ``abandoned/`` (a resume from an older tag abandons them).
+
+    Returns:
+        The moved tags, oldest first.
+    """
+    newer = [tag for tag in complete_tags(checkpoint_dir) if (step_of_tag(tag) or 0) > step]
+    for tag in newer:
+        set_aside(checkpoint_dir, tag)
+    return newer
 
 
 def write_trainer_state(tag_dir: Path, state: dict[str, Any]) -> None:
@@ -194,47 +265,6 @@ def check_compatible(
             )
 
 
-def rng_path(tag_dir: Path, rank: int) -> Path:
-    """Where rank ``rank`` keeps its random number generator states in a tag folder."""
-    return tag_dir / f"rng_state_rank{rank:05d}.pt"
-
-
-def capture_rng() -> dict[str, Any]:
-    """Python, numpy and torch (CPU and current CUDA device) generator states of this process."""
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    """Put back the generator states :func:`capture_rng` returned."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def save_rng(tag_dir: Path, rank: int) -> None:
-    """Write this rank's generator states into the tag folder."""
-    tag_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(capture_rng(), rng_path(tag_dir, rank))
-
-
-def load_rng(tag_dir: Path, rank: int) -> bool:
-    """Restore this rank's generator states from the tag folder; False when it has none for this rank."""
-    path = rng_path(tag_dir, rank)
-    if not path.is_file():
-        return False
-    restore_rng(torch.load(path, weights_only=False))
-    return True
-
-
 @dataclass
 class SampleTrace:
     """The ids of the samples this rank consumed, one ``shard:index`` per line in ``trace/rankNNNNN.txt``.
@@ -281,8 +311,15 @@ def truncate_traces(run_dir: Path, lengths: dict[str, int]) -> None:
     lines of uncommitted steps and are cut to zero.
 
     Raises:
-        UserError: A trace file is shorter than the checkpoint says (lines of committed steps are lost).
+        UserError: A name that is not ``rankNNNNN.txt`` (the checkpoint would point outside the trace
+            folder), or a trace file shorter than the checkpoint says (lines of committed steps are lost).
     """
+    for name, length in lengths.items():
+        if not TRACE_NAME_PATTERN.match(name) or not isinstance(length, int) or length < 0:
+            raise UserError(
+                f"checkpoint trace_lengths entry {name!r}: {length!r}: "
+                "expected a trace file name rankNNNNN.txt and a byte count"
+            )
     trace_dir = run_dir / "trace"
     present = {path.name for path in trace_dir.glob("rank*.txt")} if trace_dir.is_dir() else set()
     for name in sorted(present | set(lengths)):

@@ -18,7 +18,9 @@ import torch.distributed as dist
 
 from data_pipeline.errors import UserError
 from training import checkpoint as ckpt
+from training import checkpoint_files
 from training import engine as ds
+from training import rng_state
 
 
 class Stateful(Protocol):
@@ -130,6 +132,21 @@ class TraceLog:
             self.trace.append_pending()
 
 
+def check_schedule(tag_dir: Path, state: dict[str, Any], total_steps: int | None) -> None:
+    """Refuse a checkpoint past the end of this run's schedule (a finished run continued with fewer steps).
+
+    Raises:
+        UserError: Naming the checkpoint's step, ``total_steps`` and the setting that extends the run.
+    """
+    step = state.get("step")
+    if total_steps is not None and isinstance(step, int) and step > total_steps:
+        raise UserError(
+            f"checkpoint {tag_dir} is at step {step}, past train.total_steps {total_steps}: nothing to "
+            f"train. To continue the run, lengthen it with --set train.total_steps=N (N > {step}); to start "
+            "afresh, use another --run-dir or --resume never"
+        )
+
+
 @dataclass
 class ResumePlan:
     """A checkpoint to continue from, read before the engine exists (it decides the DeepSpeed config)."""
@@ -180,38 +197,82 @@ class CheckpointManager:
         """The tag folder of ``step``'s checkpoint."""
         return self.checkpoint_dir / ckpt.tag_for_step(step)
 
-    def plan(self, resume: str) -> ResumePlan | None:
+    def plan(self, resume: str, total_steps: int | None = None) -> ResumePlan | None:
         """Clear interrupted saves, find the checkpoint ``--resume`` selects and check it fits this run.
 
-        A checkpoint of another world size with ZeRO 1-3 is converted to a universal one (rank 0, once).
+        Only checks and additions happen here: no checkpoint is moved and no file rewritten until
+        :meth:`adopt`, after the checkpoint has loaded. A damaged newest tag is passed over (``auto``) with
+        a line naming the damaged file. A checkpoint of another world size with ZeRO 1-3 is converted to a
+        universal one beside it (rank 0, once).
 
         Args:
             resume: ``auto``, ``never`` or a tag folder (see ``RunOptions.resume``).
+            total_steps: The schedule length of this run; a checkpoint past it is refused. Defaults to None
+                (not checked).
 
         Raises:
-            UserError: A PATH that is not a complete checkpoint, or one of another method, architecture
-                or tokenizer.
+            UserError: A PATH that is not a complete checkpoint, a damaged PATH (or only damaged tags), a
+                checkpoint of another method, architecture or tokenizer, or one past ``total_steps``.
         """
         if self.env.is_main:
             removed = ckpt.remove_incomplete(self.checkpoint_dir)
             if removed:
                 print(f"removed incomplete checkpoints {removed}", flush=True)
         dist.barrier()
-        tag_dir = ckpt.find_resume_tag(resume, self.checkpoint_dir)
+        tag_dir = self.select(resume)
         if tag_dir is None:
             return None
         own_run = tag_dir.parent.resolve() == self.checkpoint_dir.resolve()
-        if own_run and self.env.is_main:
-            # Resuming from an older tag abandons the newer ones: `--resume auto` must not pick them later.
-            dropped = ckpt.remove_newer(self.checkpoint_dir, ckpt.step_of_tag(tag_dir.name) or 0)
-            if dropped:
-                print(f"removed checkpoints newer than {tag_dir.name}: {dropped}", flush=True)
         state = ckpt.read_trainer_state(tag_dir)
         self.identity.check(tag_dir, state)
+        check_schedule(tag_dir, state, total_steps)
         if not ds.needs_universal_conversion(state["world_size"], self.env.world_size, state["zero_stage"]):
             return ResumePlan(tag_dir.parent, tag_dir.name, state, tag_dir, universal=False, own_run=own_run)
         universal = self.convert_to_universal(tag_dir, state)
         return ResumePlan(tag_dir.parent, universal.name, state, tag_dir, universal=True, own_run=own_run)
+
+    def select(self, resume: str) -> Path | None:
+        """The tag folder to resume from, verified by rank 0 and agreed by every rank (collective).
+
+        Raises:
+            UserError: As :func:`training.checkpoint.find_resume_tag` (on every rank).
+        """
+        choice: list[Any] = [None]
+        if self.env.is_main:
+            try:
+                tag_dir, notes = ckpt.find_resume_tag(resume, self.checkpoint_dir)
+                for note in notes:
+                    print(f"{note}; passing over it", flush=True)
+                if notes and tag_dir is not None:
+                    print(f"resuming from {tag_dir.name}, the newest checkpoint that is sound", flush=True)
+                choice[0] = ("tag", None if tag_dir is None else str(tag_dir))
+            except UserError as error:
+                choice[0] = ("error", str(error))
+        dist.broadcast_object_list(choice, src=0)
+        kind, value = choice[0]
+        if kind == "error":
+            raise UserError(value)
+        return None if value is None else Path(value)
+
+    def adopt(self, plan: ResumePlan | None) -> None:
+        """Commit to the loaded checkpoint: newer tags in this run's folder are an abandoned timeline.
+
+        They move to ``checkpoints/abandoned/`` (never deleted), so ``--resume auto`` cannot pick them
+        later (also when the checkpoint came from another run directory), and ``latest`` names the
+        newest tag left until the next save (collective).
+        """
+        if plan is not None and self.env.is_main:
+            moved = ckpt.set_aside_newer(self.checkpoint_dir, int(plan.state["step"]))
+            if moved:
+                remaining = ckpt.complete_tags(self.checkpoint_dir)
+                if remaining:
+                    ckpt.write_atomic(self.checkpoint_dir / ckpt.POINTER_NAME, remaining[-1])
+                print(
+                    f"moved checkpoints newer than step {plan.state['step']} to "
+                    f"{self.checkpoint_dir / ckpt.ABANDONED_DIR}: {moved}",
+                    flush=True,
+                )
+        dist.barrier()
 
     def convert_to_universal(self, tag_dir: Path, state: dict[str, Any]) -> Path:
         """The universal conversion of ``tag_dir``, made by rank 0 unless it exists (collective)."""
@@ -234,6 +295,11 @@ class CheckpointManager:
         empty at the resumed step.
         """
         if plan is not None:
+            if plan.universal:
+                # The conversion is not covered by the original tag's COMPLETE record: scan it too.
+                problem = checkpoint_files.unsafe_pickle(plan.load_dir / plan.tag)
+                if problem is not None:
+                    raise UserError(f"checkpoint {plan.load_dir / plan.tag}: {problem}")
             ds.load_checkpoint(engine, plan.load_dir, plan.tag)
             for part in self.parts:
                 part.load_state_dict(plan.state)
@@ -247,7 +313,7 @@ class CheckpointManager:
         Call it after the data iterator exists: creating one draws from torch's generator, which an
         uninterrupted run did once at its very start.
         """
-        return ckpt.load_rng(plan.source, self.env.rank)
+        return rng_state.load_rng(plan.source, self.env.rank)
 
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint's JSON state: the identity, then every part (collective: the traces gather).
@@ -290,12 +356,12 @@ class CheckpointManager:
         """This rank's DeepSpeed files and RNG states, and on rank 0 the JSON state, into the tag folder."""
         tag_dir = self.checkpoint_dir / tag
         if self.env.is_main and tag_dir.exists():
-            # A tag of an abandoned timeline (resumed from an older one): never let its marker vouch for it.
-            # DeepSpeed's save starts with a barrier, so no rank writes into the folder before it is gone.
-            ckpt.remove_tag(self.checkpoint_dir, tag)
+            # A tag of another timeline (resumed from another run's checkpoint): never let its marker vouch
+            # for new files. DeepSpeed's save starts with a barrier, so no rank writes before it is moved.
+            ckpt.set_aside(self.checkpoint_dir, tag)
         state = self.state_dict()
         ds.save_checkpoint(engine, self.checkpoint_dir, tag, state)
-        ckpt.save_rng(tag_dir, self.env.rank)
+        rng_state.save_rng(tag_dir, self.env.rank)
         if self.env.is_main:
             ckpt.write_trainer_state(tag_dir, state)
 

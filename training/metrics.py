@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -27,9 +28,9 @@ class MetricsWriter:
 
     Floats are written by ``json.dumps``, i.e. at full precision (shortest repr that reads back to the
     same float), never rounded; NaN and infinity are written as ``NaN``/``Infinity``, which Python's
-    ``json`` reads back. The file is opened for appending, so a resumed run continues it; steps redone
-    after a resume appear again later in the file (see ``metrics_by_step``). Every ``log`` flushes, so a
-    killed process loses nothing it logged.
+    ``json`` reads back. The file is opened for appending, so a resumed run continues it; a resume first
+    cuts it back to the checkpoint's step (:meth:`keep_until`), so each step has its rows once. Every
+    ``log`` flushes, so a killed process loses nothing it logged.
 
     Args:
         run_dir: The run directory; created if missing (when enabled).
@@ -76,6 +77,31 @@ class MetricsWriter:
                     self._tensorboard.add_scalar(name, value, global_step=record["step"])
             self._tensorboard.flush()
 
+    def keep_until(self, step: int) -> int:
+        """Drop the rows of steps after ``step`` (redone after a resume from it); a no-op when disabled.
+
+        The file is rewritten to a temporary name and renamed over the old one, so a crash leaves the old
+        or the new content. A line that is not JSON was cut short by a crash while it was written, which
+        is after the last checkpoint the run committed, so it goes too.
+
+        Returns:
+            The number of rows dropped.
+        """
+        if self._file is None:
+            return 0
+        self._file.close()
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if not _step_after(line, step)]
+        if len(kept) < len(lines):
+            temporary = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+            with temporary.open("w", encoding="utf-8") as handle:
+                handle.writelines(kept)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, self.path)
+        self._file = self.path.open("a", encoding="utf-8")
+        return len(lines) - len(kept)
+
     def close(self) -> None:
         """Close the file and the TensorBoard writer; later ``log`` calls do nothing."""
         if self._file is not None:
@@ -102,6 +128,15 @@ def _terminate_partial_line(path: Path) -> None:
         file.seek(-1, 2)
         if file.read(1) != b"\n":
             file.write(b"\n")
+
+
+def _step_after(line: str, step: int) -> bool:
+    """Whether a metrics.jsonl line is a record of a step after ``step`` (or a line cut short by a crash)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return bool(line.strip())
+    return isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step
 
 
 def _plain_scalar(name: str, value: Any) -> Scalar:

@@ -8,7 +8,6 @@ evaluation; the checkpoint manager (:mod:`training.checkpoint_manager`) saves an
 from __future__ import annotations
 
 import dataclasses
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from data_pipeline.errors import UserError
 from training import engine as ds
 from training.checkpoint import SampleTrace
 from training.checkpoint_manager import CheckpointManager, LoaderPart, ResumePlan, RunIdentity, TraceLog
@@ -31,7 +31,9 @@ from training.config import (
 )
 from training.methods import Method, MethodContext, build_method
 from training.metrics import MetricsWriter, format_progress
+from training.rng_state import capture_rng, restore_rng
 from training.seeding import seed_everything
+from training.stop import StopRequest
 
 HOST_SUMS = ("tokens", "samples", "stop")
 """What the trainer adds to a method's sums before the step's one all-reduce."""
@@ -51,6 +53,8 @@ class RunOptions:
     """``auto`` (latest complete checkpoint of run_dir, if any), ``never``, or a checkpoint tag folder."""
     trace_samples: bool = False
     """Append the ids of consumed samples to run_dir/trace/rankNNNNN.txt."""
+    verify_shards: str = "full"
+    """Shard checks against the manifest: ``full`` (size at start, sha256 at first open), ``size``, ``none``."""
 
 
 @dataclass
@@ -69,22 +73,6 @@ class Progress:
         self.samples_seen = state["samples_seen"]
 
 
-class StopRequest:
-    """SIGTERM or SIGUSR1 ask the run to finish the current step, save and exit 0.
-
-    Any rank may receive it; the flag is summed over ranks with the step's metrics, so all ranks stop
-    after the same step and save one checkpoint together.
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        for signum in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-
 @dataclass
 class Trainer:
     """One rank's training run. :func:`build` makes it; :meth:`fit` runs it."""
@@ -100,6 +88,8 @@ class Trainer:
     progress: Progress
     batches: Iterator[dict[str, Any]] | None = None
     stop: StopRequest = field(default_factory=StopRequest)
+    rng_at_step_start: dict[str, Any] | None = None
+    """Generator states before the current step: what a save after a failed step must record."""
 
     @property
     def loader(self) -> Any:
@@ -112,21 +102,27 @@ class Trainer:
             print(message, flush=True)
 
     def resume(self, plan: ResumePlan | None) -> None:
-        """Load the planned checkpoint (or start fresh), then start the batch stream.
+        """Load the planned checkpoint (or start fresh), start the batch stream, then commit to the start.
 
-        RNG states are restored last, after the data iterator exists (see
-        :meth:`CheckpointManager.restore_rng`).
+        RNG states are restored after the data iterator exists (see :meth:`CheckpointManager.restore_rng`).
+        Only once everything has loaded does the run change files: newer tags move aside, the metrics
+        are cut back to the step and RUN_DIR/config.yaml is written, so a refused resume changes nothing.
         """
         self.checkpoints.load(self.engine, plan)
-        if plan is not None:
-            self.log(
-                f"resumed from {plan.source} at step {self.progress.step}"
-                + (" (universal checkpoint)" if plan.universal else "")
-            )
         self.batches = iter(self.loader)
         if plan is not None and not self.checkpoints.restore_rng(plan):
             # A new rank (another world size) gets fresh but reproducible generator states.
             seed_everything(self.config.train.seed + 1_000_003 * self.progress.step + self.env.rank)
+        self.checkpoints.adopt(plan)
+        dropped = self.writer.keep_until(self.progress.step)
+        if self.env.is_main:
+            write_resolved_config(self.config, self.ds_config, self.options.run_dir)
+        if plan is not None:
+            self.log(
+                f"resumed from {plan.source} at step {self.progress.step}"
+                + (" (universal checkpoint)" if plan.universal else "")
+                + (f"; dropped {dropped} metrics rows of later steps" if dropped else "")
+            )
 
     def step(self) -> dict[str, float]:
         """One optimizer step: ``grad_accum`` micro-batches through forward, backward and DeepSpeed's step.
@@ -137,12 +133,14 @@ class Trainer:
         """
         if self.batches is None:
             raise RuntimeError("Trainer.resume() starts the batch stream; call it before step()")
+        self.rng_at_step_start = capture_rng()
         accumulation, device = self.loader.grad_accum, self.env.device
         micro_sums: list[torch.Tensor] = []  # kept on the device: no micro-step waits for the GPU
         tokens = samples = 0
+        sample_ids: list[str] = []  # traced once the step is whole (a data error mid-step leaves no trace)
         for micro in range(accumulation):
             batch = next(self.batches)
-            self.checkpoints.traces.add(batch["sample_ids"])
+            sample_ids.extend(batch["sample_ids"])
             output = self.method.forward(self.engine, batch, self.progress.step, micro)
             self.engine.backward(output.loss)
             self.engine.step()
@@ -150,6 +148,7 @@ class Trainer:
             tokens += output.tokens
             samples += output.samples
         self.loader.step_done()
+        self.checkpoints.traces.add(sample_ids)
         host_values = [tokens, samples, float(self.stop.requested)]  # in the order of HOST_SUMS
         host_sums = torch.tensor(host_values, dtype=torch.float64, device=device)
         # One all-reduce per step (on the device: NCCL reduces only CUDA tensors) also agrees on stopping.
@@ -179,7 +178,11 @@ class Trainer:
         meter, first_step, started = Throughput(self), self.progress.step, time.perf_counter()
         metrics: dict[str, float] = {}
         while self.progress.step < stop_at:
-            metrics = self.step()
+            try:
+                metrics = self.step()
+            except UserError:
+                self.save_before_data_error()
+                raise
             step = self.progress.step
             meter.add(metrics)
             if step % train.log_every == 0 or step == stop_at or metrics["stop"]:
@@ -191,12 +194,27 @@ class Trainer:
             if step % train.save_every == 0 or metrics["stop"]:
                 self.save()
             if metrics["stop"]:
-                self.log(f"stop requested: stopped at step {step} after saving")
+                reason = self.stop.reason or "on another rank"
+                self.log(f"stop requested ({reason}): stopped at step {step} after saving")
                 break
         if self.checkpoints.last_step != self.progress.step:
             self.save()
         self.log(self.summary(first_step, time.perf_counter() - started, metrics.get("loss")))
         return 0
+
+    def save_before_data_error(self) -> None:
+        """Keep the steps done before a data error: save the last completed step (one process only).
+
+        The failed step's optimizer update never happened, so the model, optimizer and loader position are
+        those of the last completed step. With several ranks the others are inside the failed step's
+        collectives, where no checkpoint can be taken together; the last regular save is the resume point.
+        """
+        done = self.progress.step
+        if self.env.world_size == 1 and done > 0 and self.checkpoints.last_step != done:
+            self.log(f"data error in step {done + 1}: saving the checkpoint of step {done} before exiting")
+            if self.rng_at_step_start is not None:
+                restore_rng(self.rng_at_step_start)  # undo the failed step's draws (dropout, say)
+            self.save()
 
     def summary(self, first_step: int, seconds: float, last_loss: float | None) -> str:
         """The end-of-run table printed on rank 0."""
@@ -265,15 +283,15 @@ def log_decisions(trainer: Trainer, plan: ResumePlan | None) -> None:
     )
 
 
-def write_resolved_config(config: Config, ds_config: dict[str, Any], run_dir: Path) -> None:
-    """Print the effective config once and keep it as RUN_DIR/config.yaml (rank 0).
+def resolved_config(config: Config, ds_config: dict[str, Any]) -> str:
+    """The effective config as YAML (its DeepSpeed section with gradient accumulation filled in)."""
+    return config_yaml(dataclasses.replace(config, deepspeed=ds_config))
 
-    Its DeepSpeed section has gradient accumulation and the scheduler length filled in.
-    """
+
+def write_resolved_config(config: Config, ds_config: dict[str, Any], run_dir: Path) -> None:
+    """Keep the effective config as RUN_DIR/config.yaml (rank 0, once the run has committed to its start)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = config_yaml(dataclasses.replace(config, deepspeed=ds_config))
-    print("resolved config:\n" + resolved, flush=True)
-    (run_dir / "config.yaml").write_text(resolved, encoding="utf-8")
+    (run_dir / "config.yaml").write_text(resolved_config(config, ds_config), encoding="utf-8")
 
 
 def checkpoint_manager_for(
@@ -303,15 +321,16 @@ def checkpoint_manager_for(
 
 def build(config: Config, options: RunOptions) -> tuple[Trainer, ResumePlan | None]:
     """Join the process group, build loader, model and engine, and plan the resume."""
-    env = ds.setup_distributed()
+    env = ds.setup_distributed(config.train.collective_timeout_s)
     seed_everything(config.train.seed)
     ds_config = resolve_deepspeed_config(config, env.world_size)
-    method = build_method(method_of(config), MethodContext(config, env, ds_config, options.data_dir))
+    context = MethodContext(config, env, ds_config, options.data_dir, options.verify_shards)
+    method = build_method(method_of(config), context)
     if env.is_main:
-        write_resolved_config(config, ds_config, options.run_dir)
+        print("resolved config:\n" + resolved_config(config, ds_config), flush=True)
     progress = Progress()
     checkpoints = checkpoint_manager_for(config, options, env, method, ds_config, progress)
-    plan = checkpoints.plan(options.resume)
+    plan = checkpoints.plan(options.resume, config.train.total_steps)
     universal = plan is not None and plan.universal
     engine_config = ds.with_universal_loading(ds_config) if universal else ds_config
     engine = ds.build_engine(method.model, engine_config, method.optimizer)
@@ -326,6 +345,9 @@ def train(config: Config, options: RunOptions) -> int:
         log_decisions(trainer, plan)
         trainer.resume(plan)
         return trainer.fit()
+    except RuntimeError as error:
+        ds.raise_if_collective_failed(error, trainer.env)  # names the rank that stopped answering
+        raise
     finally:
         trainer.close()
         ds.teardown_distributed()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import pickle
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import torch
 
 from data_pipeline.errors import UserError
 from training import checkpoint as ckpt
+from training.checkpoint_files import load_without_code
 
 MODEL_STATES_FILE = "mp_rank_00_model_states.pt"
 
@@ -21,28 +24,45 @@ ModelBuilder = Callable[[], torch.nn.Module]
 
 
 def find_checkpoint(run_dir: Path, step: int | None = None) -> Path:
-    """The complete checkpoint tag folder of ``run_dir``: the newest one, or that of ``step``.
+    """The complete checkpoint tag folder of ``run_dir``: the newest sound one, or that of ``step``.
+
+    Every candidate is checked against its ``COMPLETE`` record and scanned for pickles that would run
+    code (:func:`training.checkpoint.damage`) before anything reads it; a damaged newest tag is passed
+    over for the next older one, with a line naming the damaged file.
 
     Raises:
-        UserError: ``run_dir`` is not a run directory, has no complete checkpoint, or none at ``step``
-            (listing the steps there are).
+        UserError: ``run_dir`` is not a run directory, has no complete checkpoint, none at ``step``
+            (listing the steps there are), a damaged one at ``step``, or only damaged ones.
     """
     checkpoint_dir = run_dir / "checkpoints"
     if not checkpoint_dir.is_dir():
         raise UserError(f"{run_dir}: not a run directory (no checkpoints/ folder)")
     tags = ckpt.complete_tags(checkpoint_dir)
-    if not tags:
+    if step is not None:
+        return _checkpoint_at(checkpoint_dir, tags, step)
+    tag_dir, notes = ckpt.newest_sound([checkpoint_dir / tag for tag in tags])
+    if tag_dir is None:
         raise UserError(
             f"{checkpoint_dir}: no complete checkpoint (no tag folder holds {ckpt.COMPLETE_MARKER})"
         )
-    if step is None:
-        return checkpoint_dir / tags[-1]
+    for note in notes:
+        print(f"{note}; passing over it", file=sys.stderr, flush=True)
+    if notes:
+        print(f"using {tag_dir.name}, the newest checkpoint that is sound", file=sys.stderr, flush=True)
+    return tag_dir
+
+
+def _checkpoint_at(checkpoint_dir: Path, tags: list[str], step: int) -> Path:
+    """The tag folder of ``step``, refused when missing or damaged (never replaced by another step)."""
     wanted = ckpt.tag_for_step(step)
     if wanted not in tags:
         available = ", ".join(str(ckpt.step_of_tag(tag)) for tag in tags)
         raise UserError(
             f"{checkpoint_dir}: no complete checkpoint at step {step}; available steps: {available}"
         )
+    problem = ckpt.damage(checkpoint_dir / wanted)
+    if problem is not None:
+        raise UserError(f"checkpoint {checkpoint_dir / wanted} is damaged: {problem}")
     return checkpoint_dir / wanted
 
 
@@ -77,8 +97,10 @@ def _stage0_file(tag_dir: Path) -> dict[str, Any]:
     path = tag_dir / MODEL_STATES_FILE
     if not path.is_file():
         raise UserError(f"checkpoint {tag_dir}: no {MODEL_STATES_FILE}")
-    # DeepSpeed pickles its own objects (config, scheduler) beside the tensors: weights_only cannot read it.
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    try:
+        return load_without_code(path)
+    except (pickle.UnpicklingError, RuntimeError) as error:
+        raise UserError(f"checkpoint {path}: does not load as plain tensors: {error}") from error
 
 
 def parameter_shapes(build: ModelBuilder) -> list[tuple[str, tuple[int, ...]]]:

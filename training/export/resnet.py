@@ -39,7 +39,21 @@ METHOD = "simclr"
 
 
 def run_method(run_dir: Path, step: int | None = None) -> str:
-    """The pre-training method of a run's checkpoint (``bert`` for checkpoints that record none)."""
+    """The pre-training method of a run's checkpoint (``bert`` for checkpoints that record none).
+
+    Every checkpoint of a run records the same method, so the JSON state of the newest readable one
+    answers without the file checks :func:`find_checkpoint` makes (the export makes them once, later).
+
+    Raises:
+        UserError: As :func:`~training.export.checkpoints.find_checkpoint`, when no state is readable.
+    """
+    checkpoint_dir = run_dir / "checkpoints"
+    tags = ckpt.complete_tags(checkpoint_dir) if step is None else [ckpt.tag_for_step(step)]
+    for tag in reversed(tags):
+        try:
+            return str(ckpt.read_trainer_state(checkpoint_dir / tag).get("objective", "bert"))
+        except UserError:
+            continue
     return str(ckpt.read_trainer_state(find_checkpoint(run_dir, step)).get("objective", "bert"))
 
 
