@@ -56,6 +56,17 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One data set of a weighted mixture: an item of ``data.sources``."""
+
+    path: str | None = None
+    """Prepared shard directory (or URL) holding manifest.json, relative to the working directory.
+    Required."""
+    weight: float | None = None
+    """Share of every global batch drawn from this source, relative to the other weights (> 0). Required."""
+
+
+@dataclass
 class DataConfig:
     """Dynamic masking and loading of the prepared shards."""
 
@@ -65,6 +76,9 @@ class DataConfig:
     """Mask whole words (all pieces of a word together) rather than single pieces."""
     num_workers: int = 2
     """DataLoader worker processes per rank that read, frame and mask batches."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A weighted mixture of at least two prepared data sets (then ``--data`` is left out). Defaults to
+    none: the run reads the one data set ``--data`` names."""
 
 
 @dataclass
@@ -157,10 +171,36 @@ def build_section(name: str, cls: type, raw: Any) -> Any:
     for key, value in raw.items():
         if key not in known:
             raise UserError(f"{name}.{key}: unknown key (known: {', '.join(sorted(known))})")
+        item_class = _list_item_section(hints[key])
+        if item_class is not None:
+            values[key] = build_list(f"{name}.{key}", item_class, value)
+            continue
         if not _matches(value, hints[key]):
             raise UserError(f"{name}.{key}: expected {_type_name(hints[key])}, got {value!r}")
         values[key] = float(value) if hints[key] is float else value
     return cls(**values)
+
+
+def _list_item_section(expected: Any) -> type | None:
+    """The dataclass of a ``list[Section]`` field, else None."""
+    if typing.get_origin(expected) is list:
+        (item,) = typing.get_args(expected)
+        if dataclasses.is_dataclass(item):
+            return item
+    return None
+
+
+def build_list(name: str, cls: type, raw: Any) -> list[Any]:
+    """A list of dataclass sections from a YAML list (None: empty); items are named ``name[i]`` in messages.
+
+    Raises:
+        UserError: Not a list, or an item that :func:`build_section` refuses.
+    """
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise UserError(f"{name}: expected a list, got {raw!r}")
+    return [build_section(f"{name}[{index}]", cls, item) for index, item in enumerate(raw)]
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -226,11 +266,27 @@ def _check_values(config: Config) -> None:
     for key in ("val_every", "val_batches"):
         if getattr(config.train, key) < 0:
             raise UserError(f"train.{key}: expected an int >= 0, got {getattr(config.train, key)}")
+    _check_sources(config.data.sources)
     timeout = config.train.collective_timeout_s
     if not 0 < timeout < float("inf"):  # NaN too
         raise UserError(f"train.collective_timeout_s: expected seconds > 0, got {timeout}")
     if config.simclr is not None:
         config.simclr.validate()
+
+
+def _check_sources(sources: list[SourceConfig]) -> None:
+    """A mixture names at least two sources, each with a path and a weight > 0."""
+    if len(sources) == 1:
+        raise UserError(
+            "data.sources: a mixture needs at least 2 sources, got 1 (use --data for one data set)"
+        )
+    for index, source in enumerate(sources):
+        key = f"data.sources[{index}]"
+        if not source.path:
+            raise UserError(f"{key}.path: required (a prepared data directory), got {source.path!r}")
+        weight = source.weight
+        if weight is None or not 0 < weight < float("inf"):  # NaN too
+            raise UserError(f"{key}.weight: expected a number > 0, got {weight!r}")
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
@@ -283,6 +339,8 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     Absent optional sections are left out, so a BERT config reads (and hashes) as it did before they existed.
     """
     data = dataclasses.asdict(config)
+    if not data["data"]["sources"]:
+        del data["data"]["sources"]  # a one-data-set config reads (and hashes) as before mixtures
     return {key: value for key, value in data.items() if key not in OPTIONAL_SECTIONS or value is not None}
 
 

@@ -11,12 +11,17 @@ Optimizer step ``s`` consumes ``G[s*B : (s+1)*B]``; micro-step ``k`` of rank ``r
 samples starting at ``s*B + k*m*world + r*m``. The last ``N mod B`` samples of G (less than one
 global batch, different ones every epoch as G is re-permuted) are dropped so that every rank runs
 the same number of steps.
+
+A weighted mixture (:func:`mixture_step`) fills global batch ``s`` from each source by a fixed
+schedule, a pure function of (weights, global batch, ``s``); each source keeps its own epoch orders.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 from numpy.typing import NDArray
@@ -172,3 +177,98 @@ def sequential_ids(
     first = np.concatenate([[0], np.cumsum(shard_samples)])
     shards = np.searchsorted(first, positions, side="right") - 1
     return shards, positions - first[shards]
+
+
+# ------------------------------------------------------------------------------------------ mixtures
+#
+# A mixture of sources with weights w_i (normalised to sum to 1) has cumulative boundaries
+# C_0 = 0, C_j = w_0 + ... + w_{j-1}, C_k = 1. Among the first N samples of the mixture, source i
+# supplies floor(C_{i+1} N) - floor(C_i N): the counts add up to N exactly (the sum telescopes), each
+# is within one sample of w_i N at every N, and with N = step * global_batch the count of a step is
+# never negative when w_i * global_batch >= 1 (floor(a + b) - floor(a) lies in {floor(b), floor(b) + 1}).
+# The boundaries are exact fractions, so the schedule is the same on every machine.
+
+_SOURCE_SEED_TAG = 0x6D6978  # "mix": keeps source seeds apart from any (seed, epoch) order stream
+
+
+def source_seed(seed: int, source: int) -> int:
+    """The order and masking seed of source ``source`` of a mixture run with seed ``seed``.
+
+    Each source runs its own epochs; a seed of its own keeps two sources' shuffles and masks apart.
+    """
+    state = np.random.SeedSequence([seed, _SOURCE_SEED_TAG, source]).generate_state(1, dtype=np.uint32)
+    return int(state[0] >> 1)  # a non-negative int31, as a config seed would be
+
+
+def mixture_boundaries(weights: Sequence[float]) -> list[Fraction]:
+    """Exact cumulative boundaries ``[0, C_1, ..., 1]`` of normalised weights.
+
+    Raises:
+        UserError: Fewer than two weights, or a weight that is not a finite number > 0.
+    """
+    if len(weights) < 2:
+        raise UserError(f"a mixture needs at least 2 sources, got {len(weights)}")
+    for index, weight in enumerate(weights):
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+            raise UserError(f"weight of source {index}: expected a number > 0, got {weight!r}")
+    parts = [Fraction(weight) for weight in weights]
+    total = sum(parts, Fraction(0))
+    return [sum(parts[:index], Fraction(0)) / total for index in range(len(parts) + 1)]
+
+
+def mixture_drawn(boundaries: Sequence[Fraction], samples: int) -> NDArray[np.int64]:
+    """Samples of each source among the first ``N = samples`` of the mixture.
+
+    Source ``i`` supplies ``floor(C_{i+1} N) - floor(C_i N)`` (exact integer arithmetic).
+    """
+    edges = [bound.numerator * samples // bound.denominator for bound in boundaries]
+    return np.diff(np.array(edges, dtype=np.int64))
+
+
+def check_mixture_batch(boundaries: Sequence[Fraction], global_batch_size: int) -> None:
+    """Refuse weights that give a source less than one sample per global batch (its count could go negative).
+
+    Raises:
+        UserError: Naming the source, its share and the global batch.
+    """
+    for index, (low, high) in enumerate(zip(boundaries[:-1], boundaries[1:])):
+        if (high - low) * global_batch_size < 1:
+            raise UserError(
+                f"source {index} has a share {float(high - low):.6g} of the mixture, "
+                f"{float((high - low) * global_batch_size):.3g} samples of a global batch of "
+                f"{global_batch_size}; every source needs at least one sample per global batch"
+            )
+
+
+def mixture_step(
+    boundaries: Sequence[Fraction], global_batch_size: int, step: int
+) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Which source fills each slot of global batch ``step``, and that sample's index in the source's stream.
+
+    Source ``i`` fills ``c_i = drawn_i((step + 1) B) - drawn_i(step B)`` slots, spread evenly over the
+    batch (its ``j``-th sample at time ``(j + 1/2) / c_i``), so every micro batch and rank gets about
+    the weights' shares. Its ``j``-th slot holds stream sample ``drawn_i(step B) + j``; stream sample
+    ``p`` of a source of ``N`` samples is position ``p mod N`` of the source's epoch ``p // N``.
+
+    Returns:
+        ``(source, stream_index)``, each of shape ``(global_batch_size,)``, in slot order.
+    """
+    before = mixture_drawn(boundaries, step * global_batch_size)
+    counts = mixture_drawn(boundaries, (step + 1) * global_batch_size) - before
+    sources = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    within = np.concatenate([np.arange(count, dtype=np.int64) for count in counts])
+    times = (within + 0.5) / counts[sources]
+    slots = np.argsort(times, kind="stable")  # ties go to the earlier source
+    return sources[slots], before[sources[slots]] + within[slots]
+
+
+def steps_to_cover(
+    boundaries: Sequence[Fraction], global_batch_size: int, source_samples: Sequence[int]
+) -> int:
+    """The first step count after which every source has supplied at least one epoch of its samples."""
+    shares = [float(high - low) for low, high in zip(boundaries[:-1], boundaries[1:])]
+    estimates = [int(count / (share * global_batch_size)) - 1 for count, share in zip(source_samples, shares)]
+    step = max(0, *estimates)  # just under the answer: the counts are within one sample of the shares
+    while (mixture_drawn(boundaries, step * global_batch_size) < np.asarray(source_samples)).any():
+        step += 1
+    return step

@@ -212,6 +212,10 @@ class StepLoader(Generic[SourceT]):
         """The epoch's sample order (the object batches of this process are built from)."""
         return self._order.epoch(epoch)
 
+    def progress_metrics(self) -> dict[str, int]:
+        """What the metrics report of the loader's progress: ``epoch``, the epoch of the next step."""
+        return {"epoch": self._epoch}
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         stream = TrainStream(
             self.source, self._order, self._partition, self.steps_per_epoch, self._epoch, self._step
@@ -241,9 +245,14 @@ class StepLoader(Generic[SourceT]):
         """Seek to a saved state (no replay); the next ``iter()`` starts there.
 
         Raises:
-            UserError: When the state lacks a key, or was saved with another global batch, seed,
-                split, shuffle window or data.
+            UserError: When the state is a mixture's, lacks a key, or was saved with another global
+                batch, seed, split, shuffle window or data.
         """
+        if "sources" in state:
+            raise UserError(
+                f"loader state is of a mixture of {len(state['sources'])} sources (data.sources), "
+                f"but this run reads one dataset (data_identity {self.source.identity!r})"
+            )
         missing = [key for key in STATE_KEYS if key not in state]
         if missing:
             raise UserError(f"loader state lacks keys {missing}")
