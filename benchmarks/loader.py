@@ -32,7 +32,7 @@ import sentencepiece as spm
 import torch
 from synthetic import generate_text, train_tokenizer, write_text_dir
 
-from data_pipeline.formats.text import CLS_ID, MASK_ID, PAD_ID, SEP_ID
+from data_pipeline.formats.text import CLS_ID, MASK_ID, PAD_ID, SENTENCEPIECE_SPECIAL_IDS, SEP_ID
 from training.data.text import text_loader
 from training.masking import (
     IGNORE_INDEX,
@@ -40,7 +40,7 @@ from training.masking import (
     frame_examples,
     mask_batch,
     mask_key,
-    special_table,
+    masking_vocab,
     word_start_table_from_processor,
 )
 
@@ -133,14 +133,15 @@ def rate(run: Callable[[int], Any], batches: int, seconds: float) -> tuple[float
 def ours(chunk: tuple[np.ndarray, ...], seq_len: int, model: bytes, whole_word: bool) -> Callable[[int], Any]:
     tokens, starts, len_a, len_b = chunk
     table = word_start_table_from_processor(spm.SentencePieceProcessor(model_proto=model))
-    never = special_table(len(table))
+    vocab = masking_vocab(table, SENTENCEPIECE_SPECIAL_IDS)
     config, key = MaskingConfig(whole_word=whole_word), mask_key(0, 0, 0)
 
     def run(number: int) -> tuple[np.ndarray, np.ndarray]:
         rows = slice(number * BATCH, (number + 1) * BATCH)
-        framed = frame_examples(tokens, starts[rows], len_a[rows], len_b[rows], seq_len)
+        special = SENTENCEPIECE_SPECIAL_IDS
+        framed = frame_examples(tokens, starts[rows], len_a[rows], len_b[rows], seq_len, special)
         positions = np.arange(number * BATCH, (number + 1) * BATCH)
-        return mask_batch(framed.input_ids, positions, key, table, never, config)
+        return mask_batch(framed.input_ids, positions, key, vocab, config)
 
     return run
 

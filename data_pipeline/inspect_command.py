@@ -18,9 +18,15 @@ import numpy as np
 
 from data_pipeline.errors import UserError
 from data_pipeline.formats.images import IMAGE_SUFFIX, LABEL_SUFFIX, iter_tar_samples
-from data_pipeline.formats.manifest import IMAGE_FORMAT_NAME, SPLITS, read_manifest
-from data_pipeline.formats.text import SEP_ID, Example, iter_chunks
-from data_pipeline.text.tokenizer import load_processor
+from data_pipeline.formats.manifest import (
+    IMAGE_FORMAT_NAME,
+    SPLITS,
+    read_manifest,
+    tokenizer_kind,
+    tokenizer_special_ids,
+)
+from data_pipeline.formats.text import Example, iter_chunks
+from data_pipeline.text.tokenizer_kinds import TextTokenizer, tokenizer_from_copy
 
 LABEL_NAMES = {"nsp": ("next", "random"), "sop": ("in order", "swapped"), "none": ("-", "-")}
 
@@ -72,15 +78,15 @@ def iter_examples(directory: str, manifest: dict[str, Any], split: str) -> Itera
             raise UserError(f"shard {path} is damaged: {error}") from error
 
 
-def render_example(processor: Any, example: Example, objective: str) -> str:
+def render_example(tokenizer: TextTokenizer, example: Example, objective: str, sep_id: int) -> str:
     """``[CLS] A [SEP] B [SEP]  (nsp: random)``; inner ``[SEP]`` tokens (document boundaries) shown."""
 
     def text(tokens: np.ndarray) -> str:
         ids = [int(token) for token in tokens]
         pieces, current = [], []
-        for token in ids + [SEP_ID]:
-            if token == SEP_ID:
-                pieces.append(processor.Decode(current))
+        for token in ids + [sep_id]:
+            if token == sep_id:
+                pieces.append(tokenizer.decode(current))
                 current = []
             else:
                 current.append(token)
@@ -161,14 +167,17 @@ def run(args: argparse.Namespace) -> int:
     model_path = os.path.join(args.directory, manifest["tokenizer"]["path"])
     if not os.path.isfile(model_path):
         raise UserError(f"tokenizer copy {model_path} listed in the manifest is missing")
-    processor = load_processor(model_path)
+    with open(model_path, "rb") as handle:
+        tokenizer = tokenizer_from_copy(tokenizer_kind(manifest, args.directory), handle.read(), model_path)
+    sep_id = tokenizer_special_ids(manifest, args.directory).sep
     print(f"\nfirst {args.samples} {args.split} examples:")
     shown = 0
     for example in iter_examples(args.directory, manifest, args.split):
         if shown == args.samples:
             break
         total = len(example.tokens_a) + len(example.tokens_b)
-        print(f"[{shown}] {total} tokens: {render_example(processor, example, manifest['objective'])}")
+        rendered = render_example(tokenizer, example, manifest["objective"], sep_id)
+        print(f"[{shown}] {total} tokens: {rendered}")
         shown += 1
     if shown == 0:
         print(f"  (split {args.split} holds no example)")

@@ -1,7 +1,8 @@
-"""SentencePiece training: BERT specials at fixed ids, files written, the CLI and its errors."""
+"""Tokenizers: SentencePiece and WordPiece training, HuggingFace tokenizer files, the CLI and its errors."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -11,8 +12,10 @@ import sentencepiece as spm
 from fixtures_text import MORE_WORDS, WORDS
 
 from data_pipeline.errors import UserError
-from data_pipeline.formats.text import MASK_ID, SPECIAL_TOKENS
+from data_pipeline.formats.text import MASK_ID, SPECIAL_TOKENS, SpecialIds
 from data_pipeline.text import tokenizer as tk
+from data_pipeline.text.hf_tokenizer import HFTokenizer
+from data_pipeline.text.tokenizer_kinds import load_tokenizer, tokenizer_from_copy
 from launch.cli import main
 
 WORDS = [*WORDS, *MORE_WORDS]
@@ -106,3 +109,151 @@ def test_write_sentences_flattens_and_counts(tmp_path: Path) -> None:
     lines = (tmp_path / "s.txt").read_text(encoding="utf-8").splitlines()
     assert lines[0] == "one two" and len(lines[1]) == tk.MAX_SENTENCE_BYTES
     assert stats.sentences == 2
+
+
+# ------------------------------------------------------------------ HuggingFace tokenizers, WordPiece
+
+
+def sentences_of(corpus: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in corpus.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def wordpiece(trained: Path) -> Path:
+    """`pretrain tokenizer --kind wordpiece` on the shared corpus."""
+    out = trained / "wordpiece"
+    corpus = str(trained / "corpus" / "corpus.jsonl")
+    assert main(["tokenizer", corpus, "--out", str(out), "--vocab-size", "300", "--kind", "wordpiece"]) == 0
+    return out
+
+
+def bpe_json(sentences: list[str], specials: list[str]) -> bytes:
+    """A byte-level BPE tokenizer.json (RoBERTa style) with the given special tokens first."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+    from tokenizers.trainers import BpeTrainer
+
+    tokenizer = Tokenizer(BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(sentences, trainer)
+    return tokenizer.to_str().encode("utf-8")
+
+
+def unigram_json(sentences: list[str]) -> bytes:
+    """A Metaspace Unigram tokenizer.json with BERT-named specials."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import Unigram
+    from tokenizers.trainers import UnigramTrainer
+
+    tokenizer = Tokenizer(Unigram())
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = UnigramTrainer(
+        vocab_size=300, special_tokens=list(SPECIAL_TOKENS), unk_token="[UNK]", show_progress=False
+    )
+    tokenizer.train_from_iterator(sentences, trainer)
+    return tokenizer.to_str().encode("utf-8")
+
+
+def test_wordpiece_training_writes_bert_files(wordpiece: Path) -> None:
+    from tokenizers import Tokenizer
+
+    assert sorted(path.name for path in wordpiece.iterdir()) == ["tokenizer.json", "vocab.txt"]
+    vocab = (wordpiece / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    assert vocab[:5] == list(SPECIAL_TOKENS) and len(vocab) == 300
+    assert any(piece.startswith("##") for piece in vocab)
+    tokenizer = Tokenizer.from_file(str(wordpiece / "tokenizer.json"))
+    assert tokenizer.get_vocab_size() == 300
+    # Lowercased, framed as BERT frames it when used on its own.
+    encoded = tokenizer.encode("River STONE", "Light")
+    assert encoded.tokens[0] == "[CLS]" and "river" in encoded.tokens and "stone" in encoded.tokens
+    assert encoded.tokens[-1] == "[SEP]" and encoded.type_ids[-1] == 1
+
+
+def test_wordpiece_refuses_sentencepiece_options(trained: Path, tmp_path: Path, capsys) -> None:
+    corpus = str(trained / "corpus" / "corpus.jsonl")
+    args = ["tokenizer", corpus, "--out", str(tmp_path), "--vocab-size", "300", "--kind", "wordpiece"]
+    assert main([*args, "--model-type", "bpe"]) == 2
+    assert "--model-type bpe: a SentencePiece option" in capsys.readouterr().err
+    assert main([*args[:5], "4", *args[6:]]) == 2
+    assert "--vocab-size 4" in capsys.readouterr().err
+
+
+def test_load_tokenizer_picks_by_path(trained: Path, wordpiece: Path, tmp_path: Path) -> None:
+    spm_dir = trained / "tok"
+    assert load_tokenizer(str(spm_dir)).kind == "sentencepiece"
+    assert load_tokenizer(str(spm_dir / tk.MODEL_FILE)).files() == {
+        tk.MODEL_FILE: (spm_dir / tk.MODEL_FILE).read_bytes()
+    }
+    from_dir = load_tokenizer(str(wordpiece))
+    from_json = load_tokenizer(str(wordpiece / "tokenizer.json"))
+    assert from_dir.kind == from_json.kind == "wordpiece"
+    assert from_dir.sha256 == hashlib.sha256((wordpiece / "tokenizer.json").read_bytes()).hexdigest()
+    assert from_dir.files() == {
+        "tokenizer.json": (wordpiece / "tokenizer.json").read_bytes(),
+        "vocab.txt": (wordpiece / "vocab.txt").read_bytes(),
+    }
+    # A BERT directory with vocab.txt only: the same pieces and ids as the tokenizer.json.
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "bert" / "vocab.txt").write_bytes((wordpiece / "vocab.txt").read_bytes())
+    from_vocab = load_tokenizer(str(tmp_path / "bert"))
+    text = sentences_of(trained / "corpus" / "corpus.jsonl")[:20]
+    assert from_vocab.kind == "wordpiece" and from_vocab.encode(text) == from_json.encode(text)
+    missing = rf"--tokenizer {tmp_path}/none: no SentencePiece model, tokenizer.json or BERT vocab.txt there"
+    with pytest.raises(UserError, match=missing):
+        load_tokenizer(str(tmp_path / "none"))
+
+
+def test_vocab_txt_follows_do_lower_case(wordpiece: Path, tmp_path: Path) -> None:
+    (tmp_path / "vocab.txt").write_bytes((wordpiece / "vocab.txt").read_bytes())
+    lower = load_tokenizer(str(tmp_path)).encode(["River"])[0]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))
+    cased = load_tokenizer(str(tmp_path)).encode(["River"])[0]
+    assert lower != cased
+
+
+def test_special_ids_come_from_the_tokenizer(trained: Path) -> None:
+    text = sentences_of(trained / "corpus" / "corpus.jsonl")
+    roberta = HFTokenizer(bpe_json(text, ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]), "roberta.json")
+    assert roberta.kind == "bpe"
+    assert roberta.special_ids == SpecialIds(pad=1, unk=3, cls=0, sep=2, mask=4)
+    starts = roberta.word_starts()
+    pieces = roberta.pieces()
+    assert all(starts[i] == piece.startswith("\u0120") for i, piece in enumerate(pieces) if i > 4)
+    assert starts[:5].all()
+    unigram = HFTokenizer(unigram_json(text), "unigram.json")
+    assert unigram.kind == "unigram" and unigram.special_ids == SpecialIds(0, 1, 2, 3, 4)
+    ids = unigram.encode(["river stone"])[0]
+    assert [bool(unigram.word_starts()[i]) for i in ids][0]
+    with pytest.raises(UserError, match=r"gpt.json: no \[MASK\] token \(looked for \[MASK\], <mask>\)"):
+        HFTokenizer(bpe_json(text, ["<s>", "<pad>", "</s>", "<unk>"]), "gpt.json")
+
+
+def test_hf_encoding_adds_no_specials_and_never_truncates(wordpiece: Path) -> None:
+    spec = json.loads((wordpiece / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["truncation"] = {"direction": "Right", "max_length": 4, "strategy": "LongestFirst", "stride": 0}
+    tokenizer = HFTokenizer(json.dumps(spec).encode("utf-8"), "truncating.json")
+    ids = tokenizer.encode(["river stone light music window garden paper"])[0]
+    assert len(ids) >= 7 and not set(ids) & set(tokenizer.special_ids.ids)
+    assert tokenizer.decode(ids) == "river stone light music window garden paper"
+
+
+def test_unusable_tokenizer_files_are_refused(tmp_path: Path) -> None:
+    word_level = {"model": {"type": "WordLevel", "vocab": {"[UNK]": 0}, "unk_token": "[UNK]"}}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(word_level))
+    with pytest.raises(UserError, match=r"tokenizer.json: model type 'WordLevel' is not supported"):
+        load_tokenizer(str(tmp_path))
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"broken.json: not a tokenizer.json"):
+        load_tokenizer(str(tmp_path / "broken.json"))
+    (tmp_path / "vocab.txt").write_text("a\nb\n")
+    with pytest.raises(UserError, match=r"vocab.txt: a BERT vocab.txt needs \[PAD\]"):
+        load_tokenizer(str(tmp_path / "vocab.txt"))
+    with pytest.raises(UserError, match=r"kind 'bert' is not one of"):
+        tokenizer_from_copy("bert", b"", "manifest")

@@ -5,30 +5,47 @@ position of the sequence, token index), where the mask key comes from (seed, epo
 masks of a sequence depend on nothing but where it sits in the epoch's order: not on the micro batch
 size, the world size, the worker count, or what was read before (exact resume, elastic resume).
 
-Word rule (whole-word masking): a word starts at a piece that begins with "▁" (SentencePiece's word
-boundary marker), at an unknown or control piece, and at the first content token after a special
-([CLS], [SEP], or a [SEP] stored inside packed content); byte-fallback pieces ``<0xNN>`` and pieces
-without "▁" continue the current word. Specials are never masked. A sequence with ``n`` content
+Word rule (whole-word masking), from the tokenizer's word-start table
+(:meth:`~data_pipeline.text.tokenizer_kinds.TextTokenizer.word_starts`): for SentencePiece a word
+starts at a piece that begins with "▁" (its word boundary marker); for WordPiece at every piece that
+does NOT begin with "##" (its continuation prefix); for byte-level BPE at a piece beginning with "Ġ".
+Unknown, control and special pieces are words of their own, and the first content token after a
+special ([CLS], [SEP], or a [SEP] stored inside packed content) always starts a word; byte-fallback
+pieces ``<0xNN>`` continue the current word. Specials are never masked. A sequence with ``n`` content
 tokens gets ``max(1, round(mask_prob * n))`` masked tokens, reached by taking whole words in random
 order; the last word taken may overshoot the target by up to its length minus one.
+
+Special ids come from the data's manifest (:class:`~data_pipeline.formats.text.SpecialIds`), never
+from constants: [CLS] is 2 in this project's SentencePiece models and 101 in bert-base-uncased.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from data_pipeline.errors import UserError
-from data_pipeline.formats.text import CLS_ID, MASK_ID, PAD_ID, SEP_ID
+from data_pipeline.formats.text import SpecialIds
+from data_pipeline.text.tokenizer import spm_word_starts as word_start_table_from_processor
+from data_pipeline.text.tokenizer_kinds import word_start_table
+
+__all__ = [
+    "IGNORE_INDEX",
+    "FramedBatch",
+    "MaskingConfig",
+    "MaskingVocab",
+    "frame_examples",
+    "mask_batch",
+    "mask_key",
+    "masking_vocab",
+    "special_table",
+    "word_start_table",
+    "word_start_table_from_processor",
+]
 
 IGNORE_INDEX = -100
-# Ids the masker never selects and never draws as a random replacement (UNK is content: maskable).
-NEVER_MASKED = (PAD_ID, CLS_ID, SEP_ID, MASK_ID)
-FIRST_RANDOM_ID = 5
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -85,38 +102,39 @@ def mask_key(seed: int, epoch: int, stream: int) -> np.uint64:
     return key
 
 
-def special_table(vocab_size: int) -> NDArray[np.bool_]:
-    """Bool over the vocabulary: ids that are never masked (PAD, CLS, SEP, MASK)."""
+def special_table(vocab_size: int, special: SpecialIds) -> NDArray[np.bool_]:
+    """Bool over the vocabulary: ids that are never masked (PAD, CLS, SEP, MASK; UNK is content)."""
     table = np.zeros(vocab_size, dtype=bool)
-    table[list(NEVER_MASKED)] = True
+    table[list(special.never_masked)] = True
     return table
 
 
-def word_start_table(
-    pieces: Sequence[str], byte_ids: Sequence[int], control_ids: Sequence[int]
-) -> NDArray[np.bool_]:
-    """Bool over the vocabulary: True where a piece starts a word.
+@dataclass(frozen=True)
+class MaskingVocab:
+    """The per-id tables of one tokenizer that masking reads."""
 
-    Args:
-        pieces: The piece string of every id.
-        byte_ids: Ids of byte-fallback pieces (always continuations).
-        control_ids: Ids of control and unknown pieces (always their own word).
+    word_starts: NDArray[np.bool_]
+    """``(vocab,)`` True where a piece starts a word."""
+    never_masked: NDArray[np.bool_]
+    """``(vocab,)`` True for PAD, CLS, SEP and MASK."""
+    random_ids: NDArray[np.int64]
+    """Ids a random replacement is drawn from: every id but the five specials, ascending."""
+    mask_id: int
+    """The [MASK] id."""
+
+
+def masking_vocab(word_starts: NDArray[np.bool_], special: SpecialIds) -> MaskingVocab:
+    """The :class:`MaskingVocab` of a tokenizer's word-start table and special ids.
+
+    Raises:
+        UserError: A special id outside the vocabulary.
     """
-    table = np.fromiter((piece.startswith("\u2581") for piece in pieces), dtype=bool, count=len(pieces))
-    table[list(byte_ids)] = False
-    table[list(control_ids)] = True
-    return table
-
-
-def word_start_table_from_processor(processor: Any) -> NDArray[np.bool_]:
-    """:func:`word_start_table` for a loaded ``sentencepiece.SentencePieceProcessor``."""
-    size = processor.get_piece_size()
-    ids = range(size)
-    return word_start_table(
-        [processor.id_to_piece(i) for i in ids],
-        [i for i in ids if processor.is_byte(i)],
-        [i for i in ids if processor.is_control(i) or processor.is_unknown(i)],
-    )
+    size = len(word_starts)
+    if max(special.ids) >= size:
+        raise UserError(f"special ids {special.as_tokens()} do not fit a vocabulary of {size}")
+    allowed = np.ones(size, dtype=bool)
+    allowed[list(special.ids)] = False
+    return MaskingVocab(word_starts, special_table(size, special), np.flatnonzero(allowed), special.mask)
 
 
 @dataclass
@@ -134,6 +152,7 @@ def frame_examples(
     len_a: NDArray[np.int64],
     len_b: NDArray[np.int64],
     seq_len: int,
+    special: SpecialIds,
 ) -> FramedBatch:
     """Frame ``[CLS] A [SEP] (B [SEP])`` and pad with [PAD] to ``seq_len`` (a fixed shape).
 
@@ -143,6 +162,7 @@ def frame_examples(
         len_a: ``(batch,)`` length of segment A.
         len_b: ``(batch,)`` length of segment B (0: no B and no second [SEP]).
         seq_len: Padded length, framing included; every sequence must fit.
+        special: The tokenizer's [PAD], [CLS] and [SEP] ids (the manifest's).
     """
     t = np.arange(seq_len, dtype=np.int64)[None, :]  # (1, seq_len)
     start, a, b = starts[:, None], len_a[:, None], len_b[:, None]  # (batch, 1)
@@ -152,10 +172,10 @@ def frame_examples(
     source = np.where(in_a, start + t - 1, start + t - 2)
     content = in_a | in_b
     np.clip(source, 0, max(len(tokens) - 1, 0), out=source)
-    ids = np.where(content, tokens[source] if len(tokens) else 0, PAD_ID).astype(np.int64, copy=False)
-    ids[:, 0] = CLS_ID
+    ids = np.where(content, tokens[source] if len(tokens) else 0, special.pad).astype(np.int64, copy=False)
+    ids[:, 0] = special.cls
     total = a + b + np.where(b > 0, 3, 2)  # (batch, 1) real tokens incl. framing
-    ids[(t == a + 1) | ((t == total - 1) & (b > 0))] = SEP_ID
+    ids[(t == a + 1) | ((t == total - 1) & (b > 0))] = special.sep
     attention = t < total
     token_types = (t >= a + 2) & attention
     return FramedBatch(ids, token_types.astype(np.int64), attention.astype(np.int64))
@@ -227,8 +247,7 @@ def mask_batch(
     input_ids: NDArray[np.int64],
     positions: NDArray[np.int64],
     key: np.uint64,
-    word_starts: NDArray[np.bool_],
-    never_masked: NDArray[np.bool_],
+    vocab: MaskingVocab,
     config: MaskingConfig,
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     """Draw MLM targets for a framed batch.
@@ -237,8 +256,7 @@ def mask_batch(
         input_ids: ``(batch, seq_len)`` framed ids (not modified).
         positions: ``(batch,)`` global position of each sequence: its random stream.
         key: :func:`mask_key` of the (seed, epoch, stream).
-        word_starts: :func:`word_start_table` over the vocabulary.
-        never_masked: :func:`special_table` over the vocabulary.
+        vocab: :func:`masking_vocab` of the tokenizer (word starts, specials, replacement ids).
         config: Probabilities and whole-word switch.
 
     Returns:
@@ -246,11 +264,11 @@ def mask_batch(
         selected positions and -100 elsewhere.
     """
     batch, seq_len = input_ids.shape
-    eligible = ~never_masked[input_ids]  # (batch, seq_len)
+    eligible = ~vocab.never_masked[input_ids]  # (batch, seq_len)
     if config.whole_word:
         after_special = np.ones_like(eligible)
         after_special[:, 1:] = ~eligible[:, :-1]
-        starts = eligible & (word_starts[input_ids] | after_special)
+        starts = eligible & (vocab.word_starts[input_ids] | after_special)
     else:
         starts = eligible
     first, lengths = _words(eligible, starts)
@@ -269,14 +287,14 @@ def mask_batch(
         np.cumsum(chosen_lengths) - chosen_lengths, chosen_lengths
     )
     selected = np.repeat(chosen_first, chosen_lengths) + offsets
-    return _replace(input_ids, selected, _hashes(selected, row_base, seq_len, key), len(word_starts), config)
+    return _replace(input_ids, selected, _hashes(selected, row_base, seq_len, key), vocab, config)
 
 
 def _replace(
     input_ids: NDArray[np.int64],
     selected: NDArray[np.int64],
     hashes: NDArray[np.uint64],
-    vocab_size: int,
+    vocab: MaskingVocab,
     config: MaskingConfig,
 ) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
     """Apply 80/10/10 (by default) to the selected flat positions, drawing from the low 16 hash bits."""
@@ -287,13 +305,13 @@ def _replace(
     draw = hashes & np.uint64(0xFFFF)
     mask_cut = round((1.0 - config.random_token_prob - config.keep_prob) * 65536)
     random_cut = mask_cut + round(config.random_token_prob * 65536)
-    masked_ids[selected[draw < mask_cut]] = MASK_ID
+    masked_ids[selected[draw < mask_cut]] = vocab.mask_id
     randomised = (draw >= mask_cut) & (draw < random_cut)
     if randomised.any():
         with np.errstate(over="ignore"):
             second = mix64(hashes[randomised] ^ _MIX2) >> np.uint64(32)
-        span = np.uint64(vocab_size - FIRST_RANDOM_ID)
-        masked_ids[selected[randomised]] = FIRST_RANDOM_ID + ((second * span) >> np.uint64(32)).astype(
-            np.int64
-        )
+        span = np.uint64(len(vocab.random_ids))
+        # A uniform index into the replacement ids (every id but the specials).
+        index = ((second * span) >> np.uint64(32)).astype(np.int64)
+        masked_ids[selected[randomised]] = vocab.random_ids[index]
     return masked_ids.reshape(input_ids.shape), labels.reshape(input_ids.shape)

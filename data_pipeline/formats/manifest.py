@@ -16,7 +16,7 @@ from typing import Any
 
 from data_pipeline.errors import UserError
 from data_pipeline.formats.location import join_location, open_binary
-from data_pipeline.formats.text import SENTENCE_TASKS
+from data_pipeline.formats.text import SENTENCE_TASKS, SpecialIds
 
 MANIFEST_NAME = "manifest.json"
 # Tokenised text shards (`pretrain prepare text`), see :mod:`data_pipeline.formats.text`.
@@ -25,6 +25,11 @@ FORMAT_NAME = "pretrain-chunked-v1"
 IMAGE_FORMAT_NAME = "pretrain-images-v1"
 SPLITS = ("train", "val")
 TOKENIZER_COPY = "tokenizer/spm.model"
+# Where `prepare text` copies the tokenizer's files; the manifest's tokenizer.path names the main one.
+TOKENIZER_DIR = "tokenizer"
+# Tokenizer kinds a manifest may record; a manifest without ``tokenizer.kind`` is SentencePiece.
+TOKENIZER_KINDS = ("sentencepiece", "wordpiece", "bpe", "unigram")
+DEFAULT_TOKENIZER_KIND = "sentencepiece"
 # What a path inside a manifest may hold: it is joined to the data directory, and for a ``pipe:``
 # location it becomes part of a shell command, so only plain file-name characters are allowed.
 SAFE_PATH = re.compile(r"[A-Za-z0-9._/-]+")
@@ -197,6 +202,33 @@ def check_manifest(manifest: dict[str, Any], source: str, split: str) -> None:
         raise ManifestError(f"manifest {source}: tokenizer needs a path and a vocab_size, got {tokenizer!r}")
 
 
+def tokenizer_kind(manifest: Mapping[str, Any], source: str) -> str:
+    """The manifest's ``tokenizer.kind``; ``sentencepiece`` when absent (manifests before other kinds).
+
+    Raises:
+        ManifestError: An unknown kind, naming the manifest and the value.
+    """
+    kind = manifest["tokenizer"].get("kind", DEFAULT_TOKENIZER_KIND)
+    if kind not in TOKENIZER_KINDS:
+        raise ManifestError(f"manifest {source}: tokenizer.kind {kind!r} is not one of {TOKENIZER_KINDS}")
+    return str(kind)
+
+
+def tokenizer_special_ids(manifest: Mapping[str, Any], source: str) -> SpecialIds:
+    """The manifest's ``tokenizer.special_ids``: the ids the loader frames and masks with.
+
+    Raises:
+        ManifestError: Missing, or a special token without a valid id, naming the manifest.
+    """
+    ids = manifest["tokenizer"].get("special_ids")
+    if not isinstance(ids, Mapping):
+        raise ManifestError(f"manifest {source}: tokenizer.special_ids must be an object, got {ids!r}")
+    try:
+        return SpecialIds.from_tokens(ids, f"manifest {source}: tokenizer")
+    except ValueError as error:
+        raise ManifestError(str(error)) from error
+
+
 def split_identity(manifest: dict[str, Any], split: str) -> str:
     """sha256 over the (path, samples, sha256) of a split's shards: what the order depends on."""
     listing = [
@@ -209,14 +241,32 @@ def split_identity(manifest: dict[str, Any], split: str) -> str:
 # ------------------------------------------------------------------------------------------ building
 
 
-def tokenizer_entry(sha256: str, vocab_size: int, special_ids: Mapping[str, int]) -> dict[str, Any]:
-    """The manifest's ``tokenizer`` section; the model itself is copied to ``TOKENIZER_COPY``."""
-    return {
-        "path": TOKENIZER_COPY,
+def tokenizer_entry(
+    sha256: str,
+    vocab_size: int,
+    special_ids: Mapping[str, int],
+    kind: str = DEFAULT_TOKENIZER_KIND,
+    path: str = TOKENIZER_COPY,
+) -> dict[str, Any]:
+    """The manifest's ``tokenizer`` section.
+
+    Args:
+        sha256: Hex sha256 of the main tokenizer file.
+        vocab_size: Ids in the vocabulary, specials included.
+        special_ids: ``{"[PAD]": id, ...}`` for every token of ``SPECIAL_TOKENS``.
+        kind: One of ``TOKENIZER_KINDS``; recorded only when not ``sentencepiece``, so that
+            SentencePiece manifests stay as they always were. Defaults to ``sentencepiece``.
+        path: The main file's copy, relative to the data directory. Defaults to ``TOKENIZER_COPY``.
+    """
+    entry: dict[str, Any] = {
+        "path": path,
         "sha256": sha256,
         "vocab_size": vocab_size,
         "special_ids": dict(special_ids),
     }
+    if kind != DEFAULT_TOKENIZER_KIND:
+        entry["kind"] = kind
+    return entry
 
 
 def split_entries(

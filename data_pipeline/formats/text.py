@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import io
 import tarfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -36,6 +36,54 @@ DEFAULT_CHUNK_SEQUENCES = 4096
 # so no input text can produce them).
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(5)
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """Ids of the five BERT special tokens of one tokenizer, whatever they are ([CLS] is 101 in
+    bert-base-uncased); the manifest's ``tokenizer.special_ids`` keys them by ``SPECIAL_TOKENS``."""
+
+    pad: int
+    unk: int
+    cls: int
+    sep: int
+    mask: int
+
+    @classmethod
+    def from_tokens(cls, ids: Mapping[str, Any], source: str) -> SpecialIds:
+        """Read ``{"[PAD]": id, ...}`` (the manifest form).
+
+        Raises:
+            ValueError: A token missing or an id that is not a non-negative integer, naming ``source``.
+        """
+        missing = [token for token in SPECIAL_TOKENS if token not in ids]
+        bad = {token: ids[token] for token in SPECIAL_TOKENS if token in ids and not _is_id(ids[token])}
+        if missing or bad:
+            raise ValueError(f"{source}: special_ids lacks {missing} or has bad ids {bad}; got {dict(ids)}")
+        return cls(*(int(ids[token]) for token in SPECIAL_TOKENS))
+
+    def as_tokens(self) -> dict[str, int]:
+        """``{"[PAD]": pad, "[UNK]": unk, "[CLS]": cls, "[SEP]": sep, "[MASK]": mask}``."""
+        return dict(zip(SPECIAL_TOKENS, self.ids))
+
+    @property
+    def ids(self) -> tuple[int, int, int, int, int]:
+        """``(pad, unk, cls, sep, mask)``."""
+        return (self.pad, self.unk, self.cls, self.sep, self.mask)
+
+    @property
+    def never_masked(self) -> tuple[int, int, int, int]:
+        """Ids the masker never selects: PAD, CLS, SEP and MASK ([UNK] is content)."""
+        return (self.pad, self.cls, self.sep, self.mask)
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# The ids of this project's own SentencePiece tokenizers (`pretrain tokenizer`); any other tokenizer's
+# come from the manifest.
+SENTENCEPIECE_SPECIAL_IDS = SpecialIds(PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID)
 
 
 def special_token_count(len_b: int) -> int:

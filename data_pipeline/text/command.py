@@ -25,18 +25,11 @@ from data_pipeline.command_common import (
     written_manifest,
 )
 from data_pipeline.errors import UserError
-from data_pipeline.formats.manifest import TOKENIZER_COPY, tokenizer_entry
+from data_pipeline.formats.manifest import TOKENIZER_DIR, tokenizer_entry
 from data_pipeline.formats.text import SENTENCE_TASKS
 from data_pipeline.text.examples import ExampleOptions
-from data_pipeline.text.tokenizer import (
-    MODEL_FILE,
-    load_processor,
-    model_sha256,
-    resolve_model_path,
-    special_ids,
-    verify_specials,
-)
 from data_pipeline.text.tokenizer_command import add_reader_arguments, reader_options
+from data_pipeline.text.tokenizer_kinds import TextTokenizer, load_tokenizer, main_file
 
 DEFAULT_MIN_DOC_CHARS = 200
 
@@ -53,7 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "inputs", nargs="+", metavar="INPUT", help="files, directories, globs or filesystem URLs"
     )
     parser.add_argument(
-        "--tokenizer", required=True, help="a SentencePiece .model, or a directory holding spm.model"
+        "--tokenizer",
+        required=True,
+        help="a SentencePiece .model, a HuggingFace tokenizer.json or BERT vocab.txt, or a directory "
+        "holding spm.model, tokenizer.json or vocab.txt",
     )
     parser.add_argument("--output", required=True, help="output directory (local path or filesystem URL)")
     add_reader_arguments(parser)
@@ -79,6 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--val-fraction", type=float, default=0.005, help="share of documents (by hash) in the val split"
     )
     parser.add_argument("--shard-mb", type=float, default=128.0, help="target shard size in MiB")
+    parser.add_argument(
+        "--temp-dir",
+        default="",
+        help="where the job's run files go (about twice the tokenised corpus, deleted at the end); "
+        "defaults to the output directory. Every worker must reach it",
+    )
     parser.add_argument("--strict", action="store_true", help="exit non-zero when any record was rejected")
 
 
@@ -96,28 +98,39 @@ def _check_ranges(args: argparse.Namespace) -> None:
             raise UserError(f"{name} {value}: must be {expected}")
 
 
-def read_model_bytes(path: str) -> bytes:
-    """The serialized model at ``path``: a ``.model`` file or a directory holding ``spm.model``, any filesystem."""
+def without_key(options: dict[str, object], key: str) -> dict[str, object]:
+    """``options`` less ``key``."""
+    return {name: value for name, value in options.items() if name != key}
+
+
+def read_file_any(path: str) -> bytes | None:
+    """A file's bytes on any Beam filesystem (local paths included); None when there is no such file."""
     from apache_beam.io.filesystems import FileSystems
 
-    if os.path.exists(path):
-        candidate = resolve_model_path(path)
-    elif path.endswith(".model"):
-        candidate = path
-    else:
-        candidate = FileSystems.join(path, MODEL_FILE)
+    if os.path.isdir(path):
+        return None
     try:
-        with FileSystems.open(candidate) as handle:
+        if not FileSystems.exists(path):
+            return None
+        with FileSystems.open(path) as handle:
             return handle.read()
     except Exception as error:
-        raise UserError(f"--tokenizer {path}: cannot read {candidate}: {error}") from error
+        raise UserError(f"--tokenizer: cannot read {path}: {error}") from error
+
+
+def copy_tokenizer(tokenizer: TextTokenizer, output: str) -> str:
+    """Write the tokenizer's files under ``output/tokenizer/``; returns the main file's relative path."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from data_pipeline.beam_common import write_atomically
+
+    for name, data in tokenizer.files().items():
+        write_atomically(FileSystems.join(output, TOKENIZER_DIR, name), data)
+    return f"{TOKENIZER_DIR}/{main_file(tokenizer)[0]}"
 
 
 def prepare(args: argparse.Namespace, beam_args: list[str]) -> JobResult:
     """Expand inputs, check formats and tokenizer, copy the tokenizer, run the job, read the manifest."""
-    from apache_beam.io.filesystems import FileSystems
-
-    from data_pipeline.beam_common import write_atomically
     from data_pipeline.inputs import expand_inputs
     from data_pipeline.text import pipeline
     from data_pipeline.text.readers import detect_format
@@ -126,30 +139,34 @@ def prepare(args: argparse.Namespace, beam_args: list[str]) -> JobResult:
     files = expand_inputs(args.inputs)
     for input_file in files:
         detect_format(input_file.path, reader)  # an unknown extension fails here, before any work
-    model_proto = read_model_bytes(args.tokenizer)
-    processor = load_processor(model_proto=model_proto)
-    verify_specials(processor, args.tokenizer)
-    vocab_size = processor.GetPieceSize()
+    tokenizer = load_tokenizer(args.tokenizer, read_file_any)
+    special = tokenizer.special_ids
     clear_previous_outputs(args.output)
-    write_atomically(FileSystems.join(args.output, *TOKENIZER_COPY.split("/")), model_proto)
+    copy_path = copy_tokenizer(tokenizer, args.output)
     config = pipeline.JobConfig(
         output=args.output,
-        model_proto=model_proto,
-        vocab_size=vocab_size,
+        model_proto=main_file(tokenizer)[1],
+        vocab_size=tokenizer.vocab_size,
         reader=reader,
         min_doc_chars=args.min_doc_chars,
-        example=ExampleOptions(args.objective, args.seq_len, args.short_seq_prob),
+        example=ExampleOptions(args.objective, args.seq_len, args.short_seq_prob, sep_id=special.sep),
         dupe_factor=args.dupe_factor,
         seed=args.seed,
         val_fraction=args.val_fraction,
         shard_mb=args.shard_mb,
+        temp_dir=args.temp_dir,
+        tokenizer_kind=tokenizer.kind,
+    )
+    entry = tokenizer_entry(
+        tokenizer.sha256, tokenizer.vocab_size, special.as_tokens(), tokenizer.kind, copy_path
     )
     static = {
-        "tokenizer": tokenizer_entry(model_sha256(model_proto), vocab_size, special_ids(processor)),
+        "tokenizer": entry,
         "seq_len": args.seq_len,
         "objective": args.objective,
         "seed": args.seed,
-        "options": recorded_options(args, beam_args),
+        # Where the scratch files went changes no output byte: not a recorded option.
+        "options": recorded_options(argparse.Namespace(**without_key(vars(args), "temp_dir")), beam_args),
     }
     print(
         f"pretrain prepare text: {len(files)} input files, Beam options {' '.join(beam_args)}",

@@ -1,22 +1,29 @@
-"""SentencePiece training with the BERT specials at fixed ids, and loading a trained model."""
+"""SentencePiece training with the BERT specials at fixed ids, loading a trained model, and the model as a
+:class:`~data_pipeline.text.tokenizer_kinds.TextTokenizer`."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import IO
 
+import numpy as np
 import sentencepiece as spm
+from numpy.typing import NDArray
 
 from data_pipeline.errors import UserError
-from data_pipeline.formats.text import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, UNK_ID
+from data_pipeline.formats.manifest import DEFAULT_TOKENIZER_KIND
+from data_pipeline.formats.text import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, UNK_ID, SpecialIds
+from data_pipeline.text.tokenizer_kinds import TextTokenizer, word_start_table
 
 MODEL_FILE = "spm.model"
 VOCAB_FILE = "spm.vocab"
 MODEL_TYPES = ("unigram", "bpe")
+# What `pretrain tokenizer --kind` trains.
+TRAINED_KINDS = ("sentencepiece", "wordpiece")
 # SentencePiece skips longer lines; sentences longer than this are rare and cut rather than lost.
 MAX_SENTENCE_BYTES = 4192
 
@@ -177,10 +184,73 @@ def model_sha256(model_proto: bytes) -> str:
     return hashlib.sha256(model_proto).hexdigest()
 
 
-def encode_sentences(processor: spm.SentencePieceProcessor, sentences: list[str]) -> list[list[int]]:
-    """Token ids of each sentence, in one batched SentencePiece call.
+def encode_sentences(
+    tokenizer: TextTokenizer | spm.SentencePieceProcessor, sentences: list[str]
+) -> list[list[int]]:
+    """Token ids of each sentence, in one batched call.
 
-    One thread: a document's sentences are too few to repay a thread pool per call, and the job
-    already runs one worker process per core.
+    SentencePiece runs on one thread: a document's sentences are too few to repay a thread pool per
+    call, and the job already runs one worker process per core.
+
+    Args:
+        tokenizer: A :class:`TextTokenizer`, or a loaded SentencePiece processor.
+        sentences: The texts.
     """
-    return processor.Encode(sentences, out_type=int, num_threads=1) if sentences else []
+    if not isinstance(tokenizer, spm.SentencePieceProcessor):
+        return tokenizer.encode(sentences)
+    return tokenizer.Encode(sentences, out_type=int, num_threads=1) if sentences else []
+
+
+def spm_word_starts(processor: spm.SentencePieceProcessor) -> NDArray[np.bool_]:
+    """Word starts of a SentencePiece model: ``▁`` pieces, unknown and control pieces start words;
+    byte-fallback pieces and the rest continue them."""
+    ids = range(processor.GetPieceSize())
+    return word_start_table(
+        [processor.IdToPiece(i) for i in ids],
+        [i for i in ids if processor.IsByte(i)],
+        [i for i in ids if processor.IsControl(i) or processor.IsUnknown(i)],
+    )
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece model with the BERT specials at ids 0-4, as a :class:`TextTokenizer`."""
+
+    kind = DEFAULT_TOKENIZER_KIND
+
+    def __init__(self, model_proto: bytes, source: str) -> None:
+        """Load ``model_proto``; refuse it unless its specials sit at the fixed ids (``source`` names it)."""
+        self.processor = load_processor(model_proto=model_proto)
+        verify_specials(self.processor, source)
+        self.model_proto = model_proto
+        self.source = source
+
+    @property
+    def vocab_size(self) -> int:
+        """Pieces in the model."""
+        return int(self.processor.GetPieceSize())
+
+    @property
+    def special_ids(self) -> SpecialIds:
+        """The fixed ids 0-4 (checked when loaded)."""
+        return SpecialIds.from_tokens(special_ids(self.processor), f"tokenizer {self.source}")
+
+    @property
+    def sha256(self) -> str:
+        """Hex sha256 of the serialized model."""
+        return model_sha256(self.model_proto)
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text (see :func:`encode_sentences`)."""
+        return encode_sentences(self.processor, list(texts))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of ``ids``."""
+        return str(self.processor.Decode([int(i) for i in ids]))
+
+    def word_starts(self) -> NDArray[np.bool_]:
+        """See :func:`spm_word_starts`."""
+        return spm_word_starts(self.processor)
+
+    def files(self) -> dict[str, bytes]:
+        """``spm.model``."""
+        return {MODEL_FILE: self.model_proto}

@@ -1,7 +1,8 @@
-"""`pretrain tokenizer`: train SentencePiece with the BERT specials on a sample of the corpus.
+"""`pretrain tokenizer`: train SentencePiece (or BERT WordPiece) with the BERT specials on a corpus sample.
 
 pretrain tokenizer corpus/*.jsonl.gz --out tok/ --vocab-size 32000
 pretrain tokenizer books/ --txt-docs paragraph --out tok/ --vocab-size 8000 --model-type bpe
+pretrain tokenizer corpus/*.jsonl.gz --out tok/ --vocab-size 30522 --kind wordpiece
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from data_pipeline.errors import UserError
 from data_pipeline.text.readers import FORMATS, TXT_DOC_MODES, ReaderOptions
 from data_pipeline.text.tokenizer import (
     MODEL_TYPES,
+    TRAINED_KINDS,
     VOCAB_FILE,
     SampleStats,
     load_processor,
@@ -58,12 +60,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "inputs", nargs="+", metavar="INPUT", help="files, directories, globs or filesystem URLs"
     )
-    parser.add_argument("--out", required=True, help="local directory for spm.model and spm.vocab")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="local directory for spm.model and spm.vocab (wordpiece: tokenizer.json and vocab.txt)",
+    )
     parser.add_argument(
         "--vocab-size", type=int, required=True, help="pieces in the vocabulary, specials included"
     )
     parser.add_argument(
-        "--model-type", choices=MODEL_TYPES, default="unigram", help="SentencePiece model type"
+        "--kind",
+        choices=TRAINED_KINDS,
+        default="sentencepiece",
+        help="sentencepiece, or wordpiece: BERT's lowercased WordPiece trained with HuggingFace tokenizers",
+    )
+    parser.add_argument(
+        "--model-type", choices=MODEL_TYPES, default=None, help="SentencePiece model type (default unigram)"
     )
     parser.add_argument(
         "--max-docs", type=int, default=100_000, help="documents sampled: the first N in sorted input order"
@@ -112,10 +124,14 @@ def run(args: argparse.Namespace) -> int:
     from data_pipeline.text.sentences import split_sentences
 
     if "://" in args.out:
-        raise UserError(f"--out {args.out}: must be a local directory (SentencePiece writes local files)")
+        raise UserError(f"--out {args.out}: must be a local directory (the trainers write local files)")
     if args.max_docs < 1:
         raise UserError(f"--max-docs {args.max_docs}: must be at least 1")
-    options = trainer_options(args.vocab_size, args.model_type, args.character_coverage)
+    if args.kind == "wordpiece" and args.model_type is not None:
+        raise UserError(f"--model-type {args.model_type}: a SentencePiece option; --kind wordpiece has none")
+    options = None
+    if args.kind == "sentencepiece":
+        options = trainer_options(args.vocab_size, args.model_type or "unigram", args.character_coverage)
     reader = reader_options(args)
     paths = [f.path for f in expand_inputs(args.inputs)]
     for path in paths:
@@ -136,10 +152,28 @@ def run(args: argparse.Namespace) -> int:
             f"{stats.characters / 1e6:,.1f} M characters from {len(paths)} files; rejected {stats.rejected or 'none'}",
             file=sys.stderr,
         )
+        if options is None:
+            return _train_wordpiece(sentence_file, args.out, args.vocab_size, started)
         model_path = train_sentencepiece(sentence_file, args.out, options, seed=args.seed)
     processor = load_processor(model_path)
     print(
         f"wrote {model_path} and {os.path.join(args.out, VOCAB_FILE)}: {processor.GetPieceSize():,} pieces "
-        f"({args.model_type}), specials {special_ids(processor)}, {time.monotonic() - started:,.1f} s"
+        f"({args.model_type or 'unigram'}), specials {special_ids(processor)}, "
+        f"{time.monotonic() - started:,.1f} s"
+    )
+    return 0
+
+
+def _train_wordpiece(sentence_file: str, out_dir: str, vocab_size: int, started: float) -> int:
+    """Train BERT WordPiece on the sampled sentences; write tokenizer.json and vocab.txt into ``out_dir``."""
+    from data_pipeline.text.hf_tokenizer import train_wordpiece, write_wordpiece
+
+    with open(sentence_file, encoding="utf-8") as sentences:
+        trained = train_wordpiece((line.rstrip("\n") for line in sentences), vocab_size)
+    written = write_wordpiece(trained, out_dir)
+    names = " and ".join(os.path.join(out_dir, name) for name in written.files())
+    print(
+        f"wrote {names}: {written.vocab_size:,} pieces (wordpiece), "
+        f"specials {written.special_ids.as_tokens()}, {time.monotonic() - started:,.1f} s"
     )
     return 0

@@ -16,24 +16,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import sentencepiece as spm
 import torch
 from numpy.typing import NDArray
 
 from data_pipeline.errors import UserError
 from data_pipeline.formats.location import join_location, open_binary
-from data_pipeline.formats.manifest import check_manifest, read_manifest, split_identity
+from data_pipeline.formats.manifest import (
+    check_manifest,
+    read_manifest,
+    split_identity,
+    tokenizer_kind,
+    tokenizer_special_ids,
+)
+from data_pipeline.formats.text import SpecialIds
+from data_pipeline.text.tokenizer_kinds import tokenizer_from_copy
 from training.data.chunks import ChunkReader
 from training.data.files import DEFAULT_VERIFY, require_checksums
 from training.data.loader import StepLoader, check_eval_partition, eval_batches
-from training.masking import (
-    MaskingConfig,
-    frame_examples,
-    mask_batch,
-    mask_key,
-    special_table,
-    word_start_table_from_processor,
-)
+from training.masking import MaskingConfig, frame_examples, mask_batch, mask_key, masking_vocab
 from training.order import DEFAULT_WINDOW_SAMPLES, make_partition
 
 TRAIN_MASK_STREAM, VALIDATION_MASK_STREAM = 0, 1
@@ -42,7 +42,10 @@ TRAIN_MASK_STREAM, VALIDATION_MASK_STREAM = 0, 1
 def load_word_starts(
     data_dir: str, manifest: dict[str, Any], verify: str = DEFAULT_VERIFY
 ) -> NDArray[np.bool_]:
-    """The word-start table of the manifest's tokenizer, after checking its size and sha256.
+    """The word-start table of the manifest's tokenizer, after checking its size, special ids and sha256.
+
+    The tokenizer is rebuilt from its copy (``tokenizer.path``) as the manifest's ``tokenizer.kind``
+    says (SentencePiece when absent).
 
     Args:
         data_dir: Directory (or URL) holding ``manifest.json``.
@@ -63,15 +66,18 @@ def load_word_starts(
         raise UserError(f"tokenizer {location}: cannot read ({error})") from error
     if info.get("sha256") and hashlib.sha256(model).hexdigest() != info["sha256"]:
         raise UserError(f"tokenizer {location}: sha256 differs from the manifest's {info['sha256']}")
-    try:
-        processor = spm.SentencePieceProcessor(model_proto=model)
-    except RuntimeError as error:
-        raise UserError(f"tokenizer {location}: not a SentencePiece model ({error})") from error
-    if processor.get_piece_size() != info["vocab_size"]:
+    tokenizer = tokenizer_from_copy(tokenizer_kind(manifest, data_dir), model, location)
+    if tokenizer.vocab_size != info["vocab_size"]:
         raise UserError(
-            f"tokenizer {location}: {processor.get_piece_size()} pieces, manifest vocab_size {info['vocab_size']}"
+            f"tokenizer {location}: {tokenizer.vocab_size} pieces, manifest vocab_size {info['vocab_size']}"
         )
-    return word_start_table_from_processor(processor)
+    recorded = tokenizer_special_ids(manifest, data_dir)
+    if tokenizer.special_ids != recorded:
+        raise UserError(
+            f"tokenizer {location}: special ids {tokenizer.special_ids.as_tokens()}, manifest "
+            f"special_ids {recorded.as_tokens()}"
+        )
+    return tokenizer.word_starts()
 
 
 @dataclass
@@ -82,6 +88,8 @@ class TextSource:
     manifest: dict[str, Any]
     split: str
     word_starts: NDArray[np.bool_]
+    special_ids: SpecialIds
+    """The tokenizer's special ids (the manifest's ``tokenizer.special_ids``)."""
     masking: MaskingConfig
     seed: int
     window_samples: int
@@ -94,7 +102,7 @@ class TextSource:
     def __post_init__(self) -> None:
         self.shards = self.manifest["splits"][self.split]["shards"]
         self.reader = ChunkReader(self.data_dir, self.shards, self.window_samples, self.verify)
-        self.never_masked = special_table(len(self.word_starts))
+        self.vocab = masking_vocab(self.word_starts, self.special_ids)
         self.shard_samples = np.array([shard["samples"] for shard in self.shards], dtype=np.int64)
         self.identity = split_identity(self.manifest, self.split)
 
@@ -140,7 +148,9 @@ class TextSource:
         for rows, chunk, local in self.reader.locate(shards, samples):
             seqs = chunk.seqs[local].astype(np.int64)  # (rows, 3): len_a, len_b, label
             self._check_lengths(seqs, shards[rows[0]], chunk.key)
-            framed = frame_examples(chunk.tokens, chunk.offsets[local], seqs[:, 0], seqs[:, 1], self.seq_len)
+            framed = frame_examples(
+                chunk.tokens, chunk.offsets[local], seqs[:, 0], seqs[:, 1], self.seq_len, self.special_ids
+            )
             input_ids[rows], token_types[rows], attention[rows] = (
                 framed.input_ids,
                 framed.token_type_ids,
@@ -148,7 +158,7 @@ class TextSource:
             )
             labels[rows] = seqs[:, 2]
         self._check_ids(input_ids, shards, samples)
-        masked, mlm_labels = mask_batch(input_ids, positions, key, self.word_starts, self.never_masked, self.masking)
+        masked, mlm_labels = mask_batch(input_ids, positions, key, self.vocab, self.masking)
         batch: dict[str, Any] = {
             "input_ids": torch.from_numpy(masked),
             "token_type_ids": torch.from_numpy(token_types),
@@ -200,7 +210,8 @@ def text_source(
     check_manifest(manifest, data_dir, split)
     require_checksums(data_dir, manifest["splits"][split]["shards"], verify)
     word_starts = load_word_starts(data_dir, manifest, verify)
-    return TextSource(data_dir, manifest, split, word_starts, masking, seed, window_samples, verify)
+    special = tokenizer_special_ids(manifest, data_dir)
+    return TextSource(data_dir, manifest, split, word_starts, special, masking, seed, window_samples, verify)
 
 
 def text_loader(

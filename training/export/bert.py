@@ -2,8 +2,11 @@
 
 An export directory holds ``model.safetensors`` (HuggingFace ``BertForPreTraining`` names, the tied decoder
 weight and bias stored once, as transformers does), ``config.json`` (our ``BertConfig`` under ``pretrain``;
-for ``hf`` also transformers' BERT fields), ``spm.model`` and a model card ``README.md``; ``hf`` exports add
-tokenizer.json and its configs.
+for ``hf`` also transformers' BERT fields; the tokenizer's kind and special ids under ``pretrain.tokenizer``),
+the tokenizer and a model card ``README.md``. The tokenizer is ``spm.model`` for SentencePiece runs (``hf``
+exports add a tokenizer.json converted from it) or, for runs on a HuggingFace tokenizer, its tokenizer.json
+(and vocab.txt for WordPiece) as the run used it; ``hf`` exports add tokenizer_config.json and
+special_tokens_map.json.
 """
 
 from __future__ import annotations
@@ -18,11 +21,15 @@ from typing import Any
 import torch
 
 from data_pipeline.errors import UserError
+from data_pipeline.formats.text import SpecialIds
+from data_pipeline.text.tokenizer_kinds import TOKENIZER_JSON, TextTokenizer, load_tokenizer, main_file
 from training.dtypes import DTYPES
 from training.export.files import WEIGHTS_FILE, ExportFiles, card_tables, check_dtype, publish
 from training.models.bert import BertConfig, BertForPreTraining
 
 TOKENIZER_MODEL_FILE = "spm.model"
+# The main tokenizer file of an export, in the order looked for.
+TOKENIZER_FILES = (TOKENIZER_MODEL_FILE, TOKENIZER_JSON)
 FORMATS = ("native", "hf")
 # Tied parameters: alias -> the name that is stored. transformers saves and loads them this way.
 TIED_ALIASES = {
@@ -112,7 +119,13 @@ def model_config_from_dict(values: dict[str, Any], source: str) -> BertConfig:
     return BertConfig(**values)
 
 
-def _config_json(model_config: BertConfig, fmt: str, dtype: str, extra_config: dict[str, Any] | None) -> dict:
+def _config_json(
+    model_config: BertConfig,
+    fmt: str,
+    dtype: str,
+    extra_config: dict[str, Any] | None,
+    tokenizer: TextTokenizer,
+) -> dict:
     """config.json: transformers' BERT fields for ``hf``, and always our own config under ``pretrain``."""
     config: dict[str, Any] = {}
     if fmt == "hf":
@@ -123,8 +136,52 @@ def _config_json(model_config: BertConfig, fmt: str, dtype: str, extra_config: d
         raise ValueError("extra_config must not set 'pretrain': that section is the export's own")
     # After the HF fields, so that a fine-tuned model can set e.g. its architectures and labels.
     config.update(extra_config or {})
-    config["pretrain"] = {"format": fmt, "dtype": dtype, "model_config": asdict(model_config)}
+    config["pretrain"] = {
+        "format": fmt,
+        "dtype": dtype,
+        "model_config": asdict(model_config),
+        "tokenizer": {
+            "kind": tokenizer.kind,
+            "file": main_file(tokenizer)[0],
+            "sha256": tokenizer.sha256,
+            "special_ids": tokenizer.special_ids.as_tokens(),
+        },
+    }
     return config
+
+
+def export_tokenizer_path(export_dir: Path | str) -> Path:
+    """The main tokenizer file of an export directory: ``spm.model``, else ``tokenizer.json``.
+
+    Raises:
+        UserError: Neither is there, naming the directory.
+    """
+    for name in TOKENIZER_FILES:
+        if (Path(export_dir) / name).is_file():
+            return Path(export_dir) / name
+    raise UserError(f"{export_dir}: no tokenizer ({' or '.join(TOKENIZER_FILES)})")
+
+
+def export_special_ids(config: dict[str, Any], tokenizer: TextTokenizer) -> SpecialIds:
+    """The special ids an export's config.json records (``pretrain.tokenizer.special_ids``), checked
+    against its tokenizer; the tokenizer's own for exports written before they were recorded.
+
+    Raises:
+        UserError: The recorded ids differ from the tokenizer's.
+    """
+    recorded = ((config.get("pretrain") or {}).get("tokenizer") or {}).get("special_ids")
+    if recorded is None:
+        return tokenizer.special_ids
+    try:
+        special = SpecialIds.from_tokens(recorded, "config.json pretrain.tokenizer")
+    except ValueError as error:
+        raise UserError(str(error)) from error
+    if special != tokenizer.special_ids:
+        raise UserError(
+            f"config.json pretrain.tokenizer.special_ids {special.as_tokens()} differ from the tokenizer's "
+            f"{tokenizer.special_ids.as_tokens()}"
+        )
+    return special
 
 
 def check_options(fmt: str, dtype: str, model_config: BertConfig | None = None) -> None:
@@ -144,7 +201,12 @@ def check_options(fmt: str, dtype: str, model_config: BertConfig | None = None) 
 
 
 def hf_tokenizer_problem(spm_model_path: Path) -> str | None:
-    """Why no equivalent HF tokenizer.json can be built from this SentencePiece model, or None."""
+    """Why no equivalent HF tokenizer.json can be built from this SentencePiece model, or None.
+
+    None as well for a tokenizer.json: the run's own HuggingFace tokenizer is exported as it is.
+    """
+    if Path(spm_model_path).name.endswith(".json"):
+        return None
     try:
         from training.export.hf_tokenizer import read_spm_settings, unsupported_reason
 
@@ -158,14 +220,14 @@ def write_export(
     out_dir: Path | str,
     state_dict: dict[str, torch.Tensor],
     model_config: BertConfig,
-    spm_model_path: Path | str,
+    tokenizer_path: Path | str,
     *,
     fmt: str = "native",
     dtype: str = "fp32",
     card: dict[str, Any] | None = None,
     extra_config: dict[str, Any] | None = None,
 ) -> None:
-    """Write an export directory: model.safetensors, config.json, spm.model, README.md (+ HF tokenizer).
+    """Write an export directory: model.safetensors, config.json, the tokenizer, README.md (+ HF tokenizer).
 
     Files are written into a temporary sibling folder and moved into ``out_dir`` when all are done, so an
     interrupted export never leaves a folder that looks complete.
@@ -175,7 +237,8 @@ def write_export(
         state_dict: Full weights with HF ``BertForPreTraining`` names (tied aliases optional); a fine-tuned
             model may leave out the ``cls.`` pre-training heads and add its own top-level task head.
         model_config: The architecture the weights belong to.
-        spm_model_path: The SentencePiece model the weights were trained with.
+        tokenizer_path: The tokenizer the weights were trained with: a SentencePiece model, or a
+            tokenizer.json (the copy in the data directory).
         fmt: ``native`` or ``hf``. Defaults to ``native``.
         dtype: ``fp32``, ``bf16`` or ``fp16``, the stored floating-point type. Defaults to ``fp32``.
         card: Facts for the model card (see :func:`card_text`). Defaults to none.
@@ -185,29 +248,30 @@ def write_export(
     Raises:
         UserError: Unknown format or dtype, pre-LN with ``hf``, weights that do not fit, no tokenizer.
     """
-    spm_model_path = Path(spm_model_path)
+    tokenizer_path = Path(tokenizer_path)
     check_options(fmt, dtype, model_config)
     check_state_dict(state_dict, model_config, "weights to export", task_heads=True)
-    if not spm_model_path.is_file():
-        raise UserError(f"tokenizer {spm_model_path}: no such file")
-    config = _config_json(model_config, fmt, dtype, extra_config)
+    if not tokenizer_path.is_file():
+        raise UserError(f"tokenizer {tokenizer_path}: no such file")
+    tokenizer = load_tokenizer(str(tokenizer_path))
+    config = _config_json(model_config, fmt, dtype, extra_config, tokenizer)
     card = dict(card or {})
+    copies: dict[str, Path] = {}
     writers: list[Callable[[Path], None]] = []
-    if fmt == "hf":
-        reason = hf_tokenizer_problem(spm_model_path)
-        if reason is None:
-            writers.append(partial(_write_hf_tokenizer, spm_model_path, model_config.max_position_embeddings))
-        else:
-            card["notes"] = [
-                *card.get("notes", []),
-                f"no HF tokenizer.json: {reason}; use {TOKENIZER_MODEL_FILE}",
-            ]
+    max_length = model_config.max_position_embeddings
+    if tokenizer.kind != "sentencepiece":
+        writers.append(partial(_write_trained_tokenizer, tokenizer, max_length if fmt == "hf" else None))
+    else:
+        copies[TOKENIZER_MODEL_FILE] = tokenizer_path
+        reason = hf_tokenizer_problem(tokenizer_path) if fmt == "hf" else None
+        if fmt == "hf" and reason is None:
+            writers.append(partial(_write_hf_tokenizer, tokenizer_path, max_length))
+        elif reason is not None:
+            note = f"no HF tokenizer.json: {reason}; use {TOKENIZER_MODEL_FILE}"
+            card["notes"] = [*card.get("notes", []), note]
+    card["tokenizer"] = f"`{main_file(tokenizer)[0]}` ({tokenizer.kind})"
     files = ExportFiles(
-        untie(state_dict),
-        config,
-        card_text(model_config, fmt, dtype, card),
-        copies={TOKENIZER_MODEL_FILE: spm_model_path},
-        writers=writers,
+        untie(state_dict), config, card_text(model_config, fmt, dtype, card), copies=copies, writers=writers
     )
     publish(out_dir, files, dtype)
 
@@ -216,6 +280,14 @@ def _write_hf_tokenizer(spm_model_path: Path, model_max_length: int, out_dir: Pa
     from training.export.hf_tokenizer import write_hf_tokenizer
 
     write_hf_tokenizer(spm_model_path, out_dir, model_max_length)
+
+
+def _write_trained_tokenizer(tokenizer: TextTokenizer, model_max_length: int | None, out_dir: Path) -> None:
+    from data_pipeline.text.hf_tokenizer import HFTokenizer
+    from training.export.hf_tokenizer import write_trained_tokenizer
+
+    assert isinstance(tokenizer, HFTokenizer)  # every kind but sentencepiece
+    write_trained_tokenizer(tokenizer, out_dir, model_max_length)
 
 
 def _format_number(value: Any) -> str:
@@ -234,15 +306,17 @@ def card_text(model_config: BertConfig, fmt: str, dtype: str, card: dict[str, An
         fmt: The export format.
         dtype: The stored dtype.
         card: Optional facts: ``source`` (str), ``training`` (dict: step, tokens_seen, ...), ``data``
-            (dict: the manifest summary), ``metrics`` (dict: name -> last value), ``notes`` (list of str).
+            (dict: the manifest summary), ``metrics`` (dict: name -> last value), ``notes`` (list of str),
+            ``tokenizer`` (str: its file and kind).
     """
     heads = "MLM + next-sentence head" if model_config.next_sentence_head else "MLM head only"
+    tokenizer = card.get("tokenizer", f"`{TOKENIZER_MODEL_FILE}` (sentencepiece)")
     lines = [
         "# BERT pre-trained with `pretrain`",
         "",
         (
             f"Format `{fmt}` ({'loads with transformers.BertForPreTraining' if fmt == 'hf' else 'our layout'}), "
-            f"weights stored as {dtype} in `{WEIGHTS_FILE}`, tokenizer `{TOKENIZER_MODEL_FILE}` (SentencePiece)."
+            f"weights stored as {dtype} in `{WEIGHTS_FILE}`, tokenizer {tokenizer}."
         ),
         "",
         "## Architecture",

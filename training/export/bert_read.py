@@ -12,8 +12,8 @@ from data_pipeline.formats.location import file_sha256
 from data_pipeline.formats.manifest import read_manifest
 from training import checkpoint as ckpt
 from training.export.bert import (
-    TOKENIZER_MODEL_FILE,
     check_state_dict,
+    export_tokenizer_path,
     model_builder,
     model_config_from_dict,
     retie,
@@ -72,6 +72,42 @@ def run_tokenizer(state: dict[str, Any], tag_dir: Path, tokenizer: Path | None =
     return tokenizer, manifest
 
 
+def run_checkpoint_state(run_dir: Path, step: int | None = None) -> tuple[Path, dict[str, Any], BertConfig]:
+    """A run's complete checkpoint before any weights are read: (tag folder, trainer state, model config).
+
+    Args:
+        run_dir: The training run directory.
+        step: The checkpoint's step. Defaults to the newest complete (and sound) checkpoint.
+
+    Raises:
+        UserError: As :func:`~training.export.checkpoints.find_checkpoint`, a trainer state without the
+            model config or ZeRO stage, or a checkpoint of another method than BERT.
+    """
+    tag_dir = find_checkpoint(run_dir, step)
+    state = ckpt.read_trainer_state(tag_dir)
+    if "model_config" not in state or "zero_stage" not in state:
+        raise UserError(f"checkpoint {tag_dir}: trainer state lacks model_config or zero_stage")
+    method = state.get("objective", "bert")  # checkpoints from before SimCLR are BERT's
+    if method != "bert":
+        raise UserError(f"checkpoint {tag_dir}: a {method!r} run, not a BERT one")
+    model_config = model_config_from_dict(state["model_config"], str(tag_dir / ckpt.TRAINER_STATE_NAME))
+    return tag_dir, state, model_config
+
+
+def consolidate_run_weights(
+    tag_dir: Path, state: dict[str, Any], model_config: BertConfig, dtype: torch.dtype = torch.float32
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The checkpoint's full state_dict (any ZeRO stage, tied aliases included) and its precision notes.
+
+    Raises:
+        UserError: As :func:`~training.export.checkpoints.consolidate`, or weights that do not fit
+            ``model_config``.
+    """
+    state_dict, notes = consolidate(tag_dir, int(state["zero_stage"]), model_builder(model_config), dtype)
+    check_state_dict(state_dict, model_config, f"checkpoint {tag_dir}")
+    return state_dict, notes
+
+
 def read_run_checkpoint(
     run_dir: Path, step: int | None = None, dtype: torch.dtype = torch.float32, tokenizer: Path | None = None
 ) -> tuple[BertConfig, dict[str, torch.Tensor], Path, dict[str, Any]]:
@@ -84,17 +120,12 @@ def read_run_checkpoint(
         tokenizer: See :func:`run_tokenizer`.
 
     Raises:
-        UserError: As :func:`~training.export.checkpoints.find_checkpoint`, :func:`run_tokenizer` and
-            :func:`~training.export.checkpoints.consolidate`.
+        UserError: As :func:`run_checkpoint_state`, :func:`run_tokenizer` and
+            :func:`consolidate_run_weights`.
     """
-    tag_dir = find_checkpoint(run_dir, step)
-    state = ckpt.read_trainer_state(tag_dir)
-    if "model_config" not in state or "zero_stage" not in state:
-        raise UserError(f"checkpoint {tag_dir}: trainer state lacks model_config or zero_stage")
-    model_config = model_config_from_dict(state["model_config"], str(tag_dir / ckpt.TRAINER_STATE_NAME))
+    tag_dir, state, model_config = run_checkpoint_state(run_dir, step)
     spm_model_path, manifest = run_tokenizer(state, tag_dir, tokenizer)
-    state_dict, notes = consolidate(tag_dir, int(state["zero_stage"]), model_builder(model_config), dtype)
-    check_state_dict(state_dict, model_config, f"checkpoint {tag_dir}")
+    state_dict, notes = consolidate_run_weights(tag_dir, state, model_config, dtype)
     training = {key: state[key] for key in ("step", "tokens_seen", "samples_seen", "epoch") if key in state}
     training.update(world_size=state.get("world_size"), zero_stage=state["zero_stage"])
     card = {
@@ -107,8 +138,8 @@ def read_run_checkpoint(
     return model_config, state_dict, spm_model_path, card
 
 
-def load_export(export_dir: Path | str) -> tuple[BertConfig, dict[str, torch.Tensor], Path]:
-    """Read an export directory back: (model config, fp32 state_dict with tied aliases, spm.model path).
+def read_export_weights(export_dir: Path | str) -> tuple[BertConfig, dict[str, torch.Tensor]]:
+    """An export directory's model config and fp32 state_dict (tied aliases included), without its tokenizer.
 
     Raises:
         UserError: Not an export directory, or weights that do not fit its config.
@@ -118,10 +149,18 @@ def load_export(export_dir: Path | str) -> tuple[BertConfig, dict[str, torch.Ten
     model_config = model_config_from_dict(config["pretrain"]["model_config"], str(export_dir / CONFIG_FILE))
     state_dict = retie(read_weights(export_dir))
     check_state_dict(state_dict, model_config, str(export_dir / WEIGHTS_FILE), task_heads=True)
-    spm_model_path = export_dir / TOKENIZER_MODEL_FILE
-    if not spm_model_path.is_file():
-        raise UserError(f"{export_dir}: no {TOKENIZER_MODEL_FILE}")
-    return model_config, state_dict, spm_model_path
+    return model_config, state_dict
+
+
+def load_export(export_dir: Path | str) -> tuple[BertConfig, dict[str, torch.Tensor], Path]:
+    """Read an export directory back: (model config, fp32 state_dict with tied aliases, tokenizer file).
+
+    Raises:
+        UserError: Not an export directory, or weights that do not fit its config.
+    """
+    export_dir = Path(export_dir)
+    model_config, state_dict = read_export_weights(export_dir)
+    return model_config, state_dict, export_tokenizer_path(export_dir)
 
 
 def load_encoder_weights(path: str) -> tuple[BertConfig, dict[str, torch.Tensor], Path]:

@@ -1,4 +1,5 @@
-"""A HuggingFace ``tokenizers`` tokenizer (tokenizer.json + configs) built from a SentencePiece unigram model.
+"""HuggingFace tokenizer files for an export: tokenizer.json + configs built from a SentencePiece unigram
+model, or the WordPiece/BPE/Unigram tokenizer.json a run was trained with, written as it is.
 
 The result encodes like ``SentencePieceProcessor.encode`` for the models this project trains: the same
 pieces and scores (Unigram), SentencePiece's own precompiled NFKC normalisation map, its whitespace
@@ -20,7 +21,8 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import Unigram
 
 from data_pipeline.errors import UserError
-from data_pipeline.formats.text import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS, UNK_ID
+from data_pipeline.formats.text import SPECIAL_TOKENS, SpecialIds
+from data_pipeline.text.hf_tokenizer import HFTokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -146,11 +148,11 @@ def build_tokenizer(spm_model_path: Path) -> Tokenizer:
     # as special added tokens they are matched only when written literally, as HF tokenizers expect.
     controls = [i for i in range(size) if processor.is_control(i) or processor.is_unknown(i)]
     tokenizer.add_special_tokens([AddedToken(processor.id_to_piece(i), normalized=False) for i in controls])
-    cls, sep = SPECIAL_TOKENS[CLS_ID], SPECIAL_TOKENS[SEP_ID]
+    cls, sep = SPECIAL_TOKENS[2], SPECIAL_TOKENS[3]
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{cls} $A {sep}",
         pair=f"{cls} $A {sep} $B:1 {sep}:1",
-        special_tokens=[(cls, CLS_ID), (sep, SEP_ID)],
+        special_tokens=[(cls, processor.piece_to_id(cls)), (sep, processor.piece_to_id(sep))],
     )
     return tokenizer
 
@@ -168,13 +170,36 @@ def write_hf_tokenizer(spm_model_path: Path, out_dir: Path, model_max_length: in
     """
     tokenizer = build_tokenizer(spm_model_path)
     tokenizer.save(str(out_dir / TOKENIZER_FILE))
-    special = {
-        "pad_token": SPECIAL_TOKENS[PAD_ID],
-        "unk_token": SPECIAL_TOKENS[UNK_ID],
-        "cls_token": SPECIAL_TOKENS[CLS_ID],
-        "sep_token": SPECIAL_TOKENS[SEP_ID],
-        "mask_token": SPECIAL_TOKENS[MASK_ID],
-    }
+    write_tokenizer_configs(out_dir, dict(zip(SPECIAL_ROLES, SPECIAL_TOKENS)), model_max_length)
+
+
+# The transformers names of the BERT specials, in ``SPECIAL_TOKENS`` order.
+SPECIAL_ROLES = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token")
+
+
+def special_token_names(tokenizer: Tokenizer, special: SpecialIds) -> dict[str, str]:
+    """``{"pad_token": "[PAD]", ...}``: the piece of each special id in ``tokenizer``."""
+    return {role: str(tokenizer.id_to_token(token_id)) for role, token_id in zip(SPECIAL_ROLES, special.ids)}
+
+
+def write_trained_tokenizer(tokenizer: HFTokenizer, out_dir: Path, model_max_length: int | None) -> None:
+    """Write the files of a HuggingFace-kind tokenizer as the run used them (tokenizer.json, and vocab.txt
+    for WordPiece); with ``model_max_length`` also tokenizer_config.json and special_tokens_map.json.
+
+    Args:
+        tokenizer: The run's tokenizer.
+        out_dir: The export directory.
+        model_max_length: Longest input the model takes; None writes no transformers configs (native).
+    """
+    for name, data in tokenizer.files().items():
+        (out_dir / name).write_bytes(data)
+    if model_max_length is not None:
+        names = special_token_names(tokenizer.tokenizer, tokenizer.special_ids)
+        write_tokenizer_configs(out_dir, names, model_max_length)
+
+
+def write_tokenizer_configs(out_dir: Path, special: dict[str, str], model_max_length: int) -> None:
+    """tokenizer_config.json and special_tokens_map.json, for ``AutoTokenizer`` over tokenizer.json."""
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": model_max_length,

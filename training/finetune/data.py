@@ -1,9 +1,11 @@
-"""Labelled task data: csv/tsv/jsonl/parquet readers, label vocabularies, SentencePiece framing, batching.
+"""Labelled task data: csv/tsv/jsonl/parquet readers, label vocabularies, framing, batching.
 
 Rows are named in errors the way an editor finds them: ``line N`` (the physical line, 1-based) in csv,
-tsv and jsonl files, ``row N`` (1-based) in parquet files. Inputs are framed with the fixed special ids
-of every tokenizer this project trains (PAD 0, UNK 1, CLS 2, SEP 3): ``[CLS] A [SEP]`` or
-``[CLS] A [SEP] B [SEP]`` with segment ids 0 for ``[CLS] A [SEP]`` and 1 for ``B [SEP]``.
+tsv and jsonl files, ``row N`` (1-based) in parquet files. Inputs are framed with the special ids of the
+model's tokenizer (:class:`~data_pipeline.formats.text.SpecialIds`: from the export's config.json, or
+the tokenizer itself): ``[CLS] A [SEP]`` or ``[CLS] A [SEP] B [SEP]`` with segment ids 0 for
+``[CLS] A [SEP]`` and 1 for ``B [SEP]``. The defaults of :func:`frame` and :func:`collate` are the ids
+of this project's SentencePiece tokenizers.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import sentencepiece as spm
 import torch
 
 from data_pipeline.errors import UserError
-from data_pipeline.formats.text import CLS_ID, PAD_ID, SEP_ID, UNK_ID
+from data_pipeline.formats.text import SENTENCEPIECE_SPECIAL_IDS, SpecialIds
+from data_pipeline.text.tokenizer import SentencePieceTokenizer
+from data_pipeline.text.tokenizer_kinds import TextTokenizer
 from training.finetune.config import TaskConfig
 from training.finetune.metrics import is_bio_tag
 
@@ -253,87 +257,110 @@ def _regression_label(path: str, example: TaskExample) -> float:
     return value
 
 
-def frame(ids_a: list[int], ids_b: list[int] | None, max_len: int) -> tuple[list[int], list[int], bool]:
+def frame(
+    ids_a: list[int], ids_b: list[int] | None, max_len: int, special: SpecialIds = SENTENCEPIECE_SPECIAL_IDS
+) -> tuple[list[int], list[int], bool]:
     """``[CLS] A [SEP]`` or ``[CLS] A [SEP] B [SEP]`` within ``max_len``, cutting the longer side first.
+
+    Args:
+        ids_a: Content ids of the first text.
+        ids_b: Of the second text, or None.
+        max_len: Longest framed input.
+        special: The tokenizer's ids. Defaults to those of this project's SentencePiece tokenizers.
 
     Returns:
         (input ids, segment ids, whether anything was cut).
     """
+    cls, sep = special.cls, special.sep
     if ids_b is None:
         budget = max_len - 2
-        return [CLS_ID, *ids_a[:budget], SEP_ID], [0] * (min(len(ids_a), budget) + 2), len(ids_a) > budget
+        return [cls, *ids_a[:budget], sep], [0] * (min(len(ids_a), budget) + 2), len(ids_a) > budget
     a, b = list(ids_a), list(ids_b)
     budget = max_len - 3
     truncated = len(a) + len(b) > budget
     while len(a) + len(b) > budget:
         (a if len(a) >= len(b) else b).pop()
-    return [CLS_ID, *a, SEP_ID, *b, SEP_ID], [0] * (len(a) + 2) + [1] * (len(b) + 1), truncated
+    return [cls, *a, sep, *b, sep], [0] * (len(a) + 2) + [1] * (len(b) + 1), truncated
 
 
 def _encode_tokens(
-    pieces_per_word: list[list[int]], tag_ids: list[int], max_len: int
+    pieces_per_word: list[list[int]], tag_ids: list[int], max_len: int, special: SpecialIds
 ) -> tuple[list[int], list[int], bool]:
     """Word pieces framed by [CLS]/[SEP]; each word's tag at its first piece, -100 elsewhere."""
-    input_ids, labels = [CLS_ID], [IGNORE_INDEX]
+    input_ids, labels = [special.cls], [IGNORE_INDEX]
     truncated = False
     for pieces, tag in zip(pieces_per_word, tag_ids):
-        pieces = pieces or [UNK_ID]  # a word that encodes to nothing still needs its tag position
+        pieces = pieces or [special.unk]  # a word that encodes to nothing still needs its tag position
         if len(input_ids) + len(pieces) > max_len - 1:
             truncated = True
             break
         input_ids += pieces
         labels += [tag] + [IGNORE_INDEX] * (len(pieces) - 1)
-    return input_ids + [SEP_ID], labels + [IGNORE_INDEX], truncated
+    return input_ids + [special.sep], labels + [IGNORE_INDEX], truncated
+
+
+def as_text_tokenizer(tokenizer: TextTokenizer | spm.SentencePieceProcessor) -> TextTokenizer:
+    """A :class:`TextTokenizer`; a loaded SentencePiece processor is wrapped (its specials checked)."""
+    if isinstance(tokenizer, spm.SentencePieceProcessor):
+        return SentencePieceTokenizer(tokenizer.serialized_model_proto(), "SentencePiece processor")
+    return tokenizer
 
 
 def encode_examples(
     path: str,
     examples: Sequence[TaskExample],
-    processor: spm.SentencePieceProcessor,
+    tokenizer: TextTokenizer | spm.SentencePieceProcessor,
     labels: list[str] | None,
     task: TaskConfig,
+    special: SpecialIds | None = None,
 ) -> list[Encoded]:
     """Tokenise and frame the examples of one file.
 
     Args:
         path: The file they came from (for errors).
         examples: Its rows.
-        processor: The model's SentencePiece tokenizer.
+        tokenizer: The model's tokenizer (or a loaded SentencePiece processor).
         labels: The training label vocabulary (None for regression).
         task: Task type, lengths and columns.
+        special: The ids to frame with. Defaults to the tokenizer's own.
 
     Raises:
         UserError: A label or tag that is not in the training vocabulary, or a bad regression value.
     """
+    tokenizer = as_text_tokenizer(tokenizer)
+    special = special or tokenizer.special_ids
     index = {name: position for position, name in enumerate(labels or [])}
     encoded: list[Encoded] = []
     for example in examples:
         if task.type == "tokens":
             tag_ids = [_class_index(path, example.where, tag, index) for tag in example.tags]
-            pieces = processor.Encode(example.words, out_type=int)
-            ids, targets, cut = _encode_tokens(pieces, tag_ids, task.max_seq_len)
+            pieces = tokenizer.encode(example.words)
+            ids, targets, cut = _encode_tokens(pieces, tag_ids, task.max_seq_len, special)
             encoded.append(Encoded(ids, [0] * len(ids), targets, cut, len(example.words)))
             continue
         if task.type == "regression":
             target: int | float = _regression_label(path, example)
         else:
             target = _class_index(path, example.where, label_key(example.label), index)
-        ids_a = processor.Encode(example.text, out_type=int)
-        ids_b = None if example.text_pair is None else processor.Encode(example.text_pair, out_type=int)
-        ids, segments, cut = frame(ids_a, ids_b, task.max_seq_len)
+        ids_a = tokenizer.encode([example.text])[0]
+        ids_b = None if example.text_pair is None else tokenizer.encode([example.text_pair])[0]
+        ids, segments, cut = frame(ids_a, ids_b, task.max_seq_len, special)
         encoded.append(Encoded(ids, segments, target, cut))
     return encoded
 
 
-def collate(batch: Sequence[Encoded], task_type: str) -> dict[str, torch.Tensor]:
-    """Pad a list of inputs to its longest one: the model's keyword arguments.
+def collate(
+    batch: Sequence[Encoded], task_type: str, pad_id: int = SENTENCEPIECE_SPECIAL_IDS.pad
+) -> dict[str, torch.Tensor]:
+    """Pad a list of inputs to its longest one (with ``pad_id``, the tokenizer's [PAD]): the model's
+    keyword arguments.
 
     Returns:
         ``input_ids``, ``attention_mask``, ``token_type_ids`` (batch, seq) and ``labels``: (batch,) long,
         (batch,) float for regression, or (batch, seq) long with -100 on padding for ``tokens``.
     """
     longest = max(len(item.input_ids) for item in batch)
-    input_ids = torch.full((len(batch), longest), PAD_ID, dtype=torch.long)
+    input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
     segments = torch.zeros((len(batch), longest), dtype=torch.long)
     mask = torch.zeros((len(batch), longest), dtype=torch.long)
     for row, item in enumerate(batch):
@@ -363,17 +390,24 @@ class TaskData:
 
 
 def load_task_data(
-    train_path: str, eval_path: str, processor: spm.SentencePieceProcessor, task: TaskConfig
+    train_path: str,
+    eval_path: str,
+    tokenizer: TextTokenizer | spm.SentencePieceProcessor,
+    task: TaskConfig,
+    special: SpecialIds | None = None,
 ) -> TaskData:
-    """Read, check and encode the training and evaluation files; labels come from the training file."""
+    """Read, check and encode the training and evaluation files; labels come from the training file.
+
+    ``special`` are the ids to frame with (the model's); defaults to the tokenizer's own.
+    """
     train_examples = read_task_file(train_path, task)
     eval_examples = read_task_file(eval_path, task)
     labels = None if task.type == "regression" else label_vocab(train_examples, task.type)
     if labels is not None and task.type != "tokens" and len(labels) < 2:
         raise UserError(f"{train_path}: a {task.type} task needs at least 2 classes, found {labels}")
     return TaskData(
-        encode_examples(train_path, train_examples, processor, labels, task),
-        encode_examples(eval_path, eval_examples, processor, labels, task),
+        encode_examples(train_path, train_examples, tokenizer, labels, task, special),
+        encode_examples(eval_path, eval_examples, tokenizer, labels, task, special),
         eval_examples,
         labels,
     )

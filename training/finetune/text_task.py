@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import sentencepiece as spm
 import torch
 
 from data_pipeline.errors import UserError
+from data_pipeline.formats.text import SpecialIds
+from data_pipeline.text.tokenizer_kinds import TextTokenizer, find_tokenizer_file, load_tokenizer
 from training.finetune.base import FinetuneOptions
 from training.finetune.config import FinetuneConfig, parse_freeze
 from training.finetune.data import IGNORE_INDEX, Encoded, TaskData, collate, load_task_data
@@ -36,15 +37,27 @@ class ModelSource:
     model_config: BertConfig
     state_dict: dict[str, torch.Tensor] | None
     """Pre-trained weights under the pre-training names (tied aliases included), or None."""
-    spm_path: Path
+    tokenizer_path: Path
+    """The tokenizer's file: spm.model, tokenizer.json or a WordPiece vocab.txt."""
+    tokenizer: TextTokenizer
+    special_ids: SpecialIds
+    """The ids inputs are framed with: the export's recorded ones, or the tokenizer's."""
 
 
-def _tokenizer_file(path: str) -> Path:
-    from data_pipeline.text.tokenizer import load_processor, resolve_model_path, verify_specials
+def _tokenizer(path: str) -> tuple[Path, TextTokenizer]:
+    """The tokenizer file at ``path`` (a file or a tokenizer directory) and the tokenizer it holds."""
+    chosen, _ = find_tokenizer_file(path)
+    return Path(chosen), load_tokenizer(chosen)
 
-    model_file = resolve_model_path(path)
-    verify_specials(load_processor(model_file), model_file)
-    return Path(model_file)
+
+def _model_special_ids(model: str, tokenizer: TextTokenizer) -> SpecialIds:
+    """The special ids an export's config.json records (checked against its tokenizer), else its own."""
+    from training.export.bert import export_special_ids
+    from training.export.files import CONFIG_FILE, read_export_config
+
+    if Path(model, CONFIG_FILE).is_file():
+        return export_special_ids(read_export_config(Path(model)), tokenizer)
+    return tokenizer.special_ids
 
 
 def resolve_source(model: str, tokenizer: str | None, config: FinetuneConfig) -> ModelSource:
@@ -64,23 +77,26 @@ def resolve_source(model: str, tokenizer: str | None, config: FinetuneConfig) ->
             raise UserError(
                 "--model none needs a tokenizer: pass --tokenizer PATH or set `tokenizer:` in the config"
             )
-        spm_path = _tokenizer_file(tokenizer)
-        section = config.model
-        vocab_size = spm.SentencePieceProcessor(model_file=str(spm_path)).GetPieceSize()
-        model_config = bert_config_from_section(section, vocab_size, max_len, next_sentence_head=False)
-        return ModelSource(model, model_config, None, spm_path)
+        path, loaded = _tokenizer(tokenizer)
+        special = loaded.special_ids
+        model_config = bert_config_from_section(
+            config.model, loaded.vocab_size, max_len, next_sentence_head=False, pad_token_id=special.pad
+        )
+        return ModelSource(model, model_config, None, path, loaded, special)
     from training.export.bert_read import load_encoder_weights
 
-    model_config, state_dict, spm_path = load_encoder_weights(model)
-    if tokenizer is not None and _tokenizer_file(tokenizer).read_bytes() != Path(spm_path).read_bytes():
+    model_config, state_dict, model_tokenizer = load_encoder_weights(model)
+    loaded = load_tokenizer(str(model_tokenizer))
+    if tokenizer is not None and _tokenizer(tokenizer)[1].sha256 != loaded.sha256:
         raise UserError(
-            f"--tokenizer {tokenizer}: differs from the tokenizer of --model {model} ({spm_path})"
+            f"--tokenizer {tokenizer}: differs from the tokenizer of --model {model} ({model_tokenizer})"
         )
     if max_len > model_config.max_position_embeddings:
         raise UserError(
             f"task.max_seq_len {max_len} exceeds the {model_config.max_position_embeddings} positions of --model {model}"
         )
-    return ModelSource(model, model_config, state_dict, Path(spm_path))
+    special = _model_special_ids(model, loaded)
+    return ModelSource(model, model_config, state_dict, Path(model_tokenizer), loaded, special)
 
 
 def write_task_export(
@@ -129,7 +145,7 @@ def write_task_export(
         out_dir,
         retie({**full, **head}),
         export_config,
-        source.spm_path,
+        source.tokenizer_path,
         card=card,
         extra_config={"finetune": task},
     )
@@ -213,8 +229,10 @@ class TextTask:
             )
         self.config = config
         self.source = resolve_source(options.model, options.tokenizer or config.tokenizer, config)
-        processor = spm.SentencePieceProcessor(model_file=str(self.source.spm_path))
-        data = load_task_data(options.train_path, options.eval_path, processor, config.task)
+        source = self.source
+        data = load_task_data(
+            options.train_path, options.eval_path, source.tokenizer, config.task, source.special_ids
+        )
         self.data = subsample_train(data, config)
         self.model, self.trainable = build_model(config, self.source, self.data)
 
@@ -236,7 +254,7 @@ class TextTask:
     ) -> dict[str, torch.Tensor]:
         """Model inputs of rows ``indices`` of ``split`` (``train`` or ``eval``) on ``device``."""
         rows = self.data.train if split == "train" else self.data.eval
-        tensors = collate([rows[i] for i in indices], self.config.task.type)
+        tensors = collate([rows[i] for i in indices], self.config.task.type, self.source.special_ids.pad)
         return {key: value.to(device) for key, value in tensors.items()}
 
     def predictions(self, logits: torch.Tensor, indices: Sequence[int]) -> list[Any]:
