@@ -579,7 +579,9 @@ def test_signals_to_the_deepspeed_command_save_and_stop_every_rank(data: Path, t
         kill_what_is_left(pids)
     output = log.read_text()
     assert latest(run_dir) == f"step{max(loss_steps(run_dir)):08d}", output[-3000:]
-    reason = "the deepspeed command ended" if target == "command" else "SIG"  # SIGINT, or the launcher's SIGTERM
-    assert f"stop requested ({reason}" in output, output[-3000:]
+    # Rank 0 logs the reason it saw first: its own (the command ended, SIGINT, the launcher's SIGTERM) or,
+    # when another rank noticed first, "on another rank".
+    reasons = ("the deepspeed command ended", "on another rank") if target == "command" else ("SIG", "on another rank")
+    assert any(f"stop requested ({reason}" in output for reason in reasons), output[-3000:]
     # The ranks print no traceback (DeepSpeed's own runner may print its KeyboardInterrupt).
     assert 'File "' + str(REPO) not in output, output[-5000:]
