@@ -7,14 +7,8 @@ from pathlib import Path
 import pytest
 
 from data_pipeline.errors import UserError
-from training.config import (
-    Config,
-    apply_overrides,
-    config_from_dict,
-    gradient_accumulation_steps,
-    load_config,
-    resolve_deepspeed_config,
-)
+from training.config import Config, apply_overrides, config_from_dict, load_config
+from training.deepspeed_config import gradient_accumulation_steps, resolve_deepspeed_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

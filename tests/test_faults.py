@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 import signal
 import subprocess
@@ -228,7 +227,6 @@ def test_a_pickled_npy_member_is_a_clear_error(tmp_path: Path) -> None:
     import tarfile
 
     from data_pipeline.errors import UserError
-    from training.data.chunks import index_shard  # noqa: F401  (the loader's shard reading)
 
     shard = tmp_path / "bad.tar"
     buffer = io.BytesIO()
@@ -376,7 +374,8 @@ FINETUNE_CONFIGS = sorted(path.name for path in (REPO / "configs").glob("finetun
 
 
 def resolved_as_the_trainers_do(name: str, cuda: bool) -> dict:
-    from training.config import load_config, resolve_deepspeed, resolve_deepspeed_config
+    from training.config import load_config
+    from training.deepspeed_config import resolve_deepspeed, resolve_deepspeed_config
     from training.finetune.config import load_finetune_config
 
     if name.startswith("finetune-"):
@@ -422,7 +421,7 @@ def test_a_first_compile_of_a_deepspeed_op_is_announced(tmp_path: Path, monkeypa
 
 
 def test_an_explicit_torch_adam_choice_is_kept() -> None:
-    from training.config import resolve_deepspeed
+    from training.deepspeed_config import resolve_deepspeed
 
     section = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 8,
                "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "torch_adam": False}}}

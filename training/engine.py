@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.errors import UserError
-from training.config import ADAM_TYPES
+from training.deepspeed_config import ADAM_TYPES
 from training.stop import RankFailure
 
 # Environment a launcher (deepspeed, torchrun, srun wrappers) sets for each rank, MASTER_PORT included.

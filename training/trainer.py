@@ -21,14 +21,8 @@ from data_pipeline.errors import UserError
 from training import engine as ds
 from training.checkpoint import SampleTrace
 from training.checkpoint_manager import CheckpointManager, LoaderPart, ResumePlan, RunIdentity, TraceLog
-from training.config import (
-    Config,
-    config_hash,
-    config_yaml,
-    method_of,
-    resolve_deepspeed_config,
-    zero_stage,
-)
+from training.config import Config, config_hash, config_yaml, method_of
+from training.deepspeed_config import resolve_deepspeed_config, zero_stage
 from training.methods import Method, MethodContext, build_method
 from training.metrics import MetricsWriter, format_progress
 from training.rng_state import capture_rng, restore_rng

@@ -32,7 +32,7 @@ from numpy.typing import NDArray
 
 from training import engine as ds
 from training.checkpoint import write_atomic
-from training.config import resolve_deepspeed, zero_stage
+from training.deepspeed_config import resolve_deepspeed, zero_stage
 from training.finetune.base import FinetuneOptions, Task
 from training.finetune.config import (
     IMAGE_TASK_TYPES,

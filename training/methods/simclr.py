@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from data_pipeline.errors import UserError
-from training.config import zero_stage
+from training.deepspeed_config import zero_stage
 from training.data.loader import StepLoader
 from training.methods.base import MethodContext, MicroStep, stack_sums, val_split_problem
 from training.simclr import (
