@@ -49,6 +49,8 @@ class RunOptions:
     """Append the ids of consumed samples to run_dir/trace/rankNNNNN.txt."""
     verify_shards: str = "full"
     """Shard checks against the manifest: ``full`` (size at start, sha256 at first open), ``size``, ``none``."""
+    init_from: str | None = None
+    """Initial BERT weights and architecture (a run, export or HF directory); a checkpoint to resume wins."""
 
 
 @dataclass
@@ -251,7 +253,7 @@ class Throughput:
             **{key: value for key, value in metrics.items() if key not in HOST_SUMS},
             **ds.optimizer_metrics(self.trainer.engine),
             **method.rates(self.samples / elapsed, self.tokens / elapsed),
-            "epoch": self.trainer.loader.epoch,
+            **self.trainer.loader.progress_metrics(),  # epoch; per source in a mixture
         }
         self.started, self.samples, self.tokens = now, 0.0, 0.0
         shown = {key: record[key] for key in method.progress_keys if key in record}
@@ -266,7 +268,7 @@ def log_decisions(trainer: Trainer, plan: ResumePlan | None) -> None:
     parameters = sum(p.numel() for p in trainer.engine.module.parameters())
     if zero_stage(trainer.ds_config) == 3:
         parameters = sum(getattr(p, "ds_numel", p.numel()) for p in trainer.engine.module.parameters())
-    ds_config, loader = trainer.ds_config, trainer.loader
+    ds_config, loader, init_from = trainer.ds_config, trainer.loader, trainer.options.init_from
     trainer.log(
         f"method {trainer.method.name} | world size {trainer.env.world_size} | grad accumulation "
         f"{loader.grad_accum} | micro batch {ds_config['train_micro_batch_size_per_gpu']} | global batch "
@@ -274,7 +276,13 @@ def log_decisions(trainer: Trainer, plan: ResumePlan | None) -> None:
         f"dtype {ds.precision(ds_config)} | device {trainer.env.device} | "
         f"steps per epoch {loader.steps_per_epoch} | "
         + (f"resume from {plan.source}" if plan else "fresh start")
+        + (f" (weights of --init-from {init_from})" if plan is None and init_from else "")
     )
+    if plan is not None and init_from is not None:
+        trainer.log(
+            f"--init-from {init_from} is not used: the run resumes from its checkpoint "
+            f"{plan.source} (weights, optimizer, schedule and data position); it gave the architecture only"
+        )
 
 
 def resolved_config(config: Config, ds_config: dict[str, Any]) -> str:
@@ -318,7 +326,13 @@ def build(config: Config, options: RunOptions) -> tuple[Trainer, ResumePlan | No
     env = ds.setup_distributed(config.train.collective_timeout_s)
     seed_everything(config.train.seed)
     ds_config = resolve_deepspeed_config(config, env.world_size)
-    context = MethodContext(config, env, ds_config, options.data_dir, options.verify_shards)
+    if options.init_from is not None and method_of(config) != "bert":
+        raise UserError(
+            f"--init-from {options.init_from}: BERT runs only, but the config trains {method_of(config)}"
+        )
+    context = MethodContext(
+        config, env, ds_config, options.data_dir, options.verify_shards, init_from=options.init_from
+    )
     method = build_method(method_of(config), context)
     if env.is_main:
         print("resolved config:\n" + resolved_config(config, ds_config), flush=True)

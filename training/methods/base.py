@@ -24,6 +24,8 @@ class MethodContext:
     data_dir: str
     verify_shards: str = DEFAULT_VERIFY
     """How shards are checked against the manifest: ``full``, ``size`` or ``none`` (``--verify-shards``)."""
+    init_from: str | None = None
+    """``--init-from PATH``: the initial weights (and architecture) of a BERT run; None: random init."""
 
     def warn(self, message: str) -> None:
         """Print a warning on rank 0 (the only rank that logs); builders warn once, at start."""

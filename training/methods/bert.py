@@ -13,6 +13,7 @@ import torch.distributed as dist
 from training import engine as ds
 from training.config import Config, ModelConfig
 from training.data.loader import StepLoader
+from training.data.mixture import MixtureLoader, text_mixture_loader
 from training.data.text import TextSource, source_validation_batches, text_loader, validation_source
 from training.dtypes import DTYPES
 from training.flops import bert_train_flops_per_sequence, mfu, peak_flops
@@ -24,12 +25,21 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels", "next
 SUM_NAMES = ("loss", "mlm_correct", "mlm_count", "mlm_loss", "nsp_loss", "nsp_correct", "nsp_count")
 """What a micro-batch adds up (the nsp entries are zeros for a model without the sentence head)."""
 VAL_SUM_NAMES = ("loss", "batches", "mlm_correct", "mlm_count")
+BertLoader = StepLoader[TextSource] | MixtureLoader[TextSource]
+"""One data set, or a weighted mixture whose ``source`` (the first) stands for what all sources share."""
 
 
 def bert_config_from_section(
-    section: ModelConfig, vocab_size: int, seq_len: int, next_sentence_head: bool
+    section: ModelConfig,
+    vocab_size: int,
+    seq_len: int,
+    next_sentence_head: bool,
+    pad_token_id: int | None = None,
 ) -> BertConfig:
-    """The BERT architecture of a ``model:`` config section, for a vocabulary and sequence length."""
+    """The BERT architecture of a ``model:`` config section, for a vocabulary and sequence length.
+
+    ``pad_token_id`` is the tokenizer's [PAD] id; None keeps ``BertConfig``'s default.
+    """
     return bert_config(
         section.size,
         vocab_size,
@@ -43,14 +53,18 @@ def bert_config_from_section(
         pre_layernorm=section.pre_layernorm,
         activation_checkpointing=section.activation_checkpointing,
         next_sentence_head=next_sentence_head,
+        pad_token_id=pad_token_id,
     )
 
 
-def model_config_for(config: Config, vocab_size: int, seq_len: int, sentence_task: str) -> BertConfig:
-    """The BERT architecture from the ``model:`` section and the manifest's sentence task (nsp/sop/none)."""
+def model_config_for(
+    config: Config, vocab_size: int, seq_len: int, sentence_task: str, pad_token_id: int | None = None
+) -> BertConfig:
+    """The BERT architecture from the ``model:`` section, the manifest's sentence task (nsp/sop/none) and
+    its tokenizer's [PAD] id."""
     head = config.model.next_sentence_head
     next_sentence_head = (sentence_task != "none") if head == "auto" else bool(head)
-    return bert_config_from_section(config.model, vocab_size, seq_len, next_sentence_head)
+    return bert_config_from_section(config.model, vocab_size, seq_len, next_sentence_head, pad_token_id)
 
 
 def to_device(batch: dict[str, Any], device: torch.device, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -63,7 +77,7 @@ class BertMethod:
     """MLM (+ sentence head) on text shards; see :class:`training.methods.base.Method`."""
 
     context: MethodContext
-    loader: StepLoader[TextSource]
+    loader: BertLoader
     bert_config: BertConfig
     model: BertForPreTraining
     validation: TextSource | None = None
@@ -174,21 +188,60 @@ def validation_for(
     )
 
 
-def build_bert(context: MethodContext) -> BertMethod:
-    """Loader of the text shards, the ``val`` split (when used) and the BERT model they call for."""
+def bert_loader(context: MethodContext, masking: MaskingConfig) -> BertLoader:
+    """The training loader: of ``--data``, or of the weighted mixture of ``data.sources``."""
     config, env, ds_config = context.config, context.env, context.ds_config
+    common: dict[str, Any] = {
+        "global_batch_size": ds_config["train_batch_size"],
+        "micro_batch_size": ds_config["train_micro_batch_size_per_gpu"],
+        "rank": env.rank,
+        "world_size": env.world_size,
+        "seed": config.train.seed,
+        "masking": masking,
+        "num_workers": config.data.num_workers,
+        "verify": context.verify_shards,
+    }
+    if not config.data.sources:
+        return text_loader(context.data_dir, **common)
+    sources = [(str(source.path), float(source.weight or 0)) for source in config.data.sources]
+    mixture = text_mixture_loader(sources, **common)
+    if env.is_main:
+        print(mixture.describe(), flush=True)
+    return mixture
+
+
+def build_bert(context: MethodContext) -> BertMethod:
+    """Loader of the text shards, the ``val`` split (when used) and the BERT model they call for.
+
+    In a mixture (``data.sources``) the ``val`` split is the first source's.
+    """
+    config, env = context.config, context.env
     masking = MaskingConfig(mask_prob=config.data.mask_prob, whole_word=config.data.whole_word_mask)
-    loader = text_loader(
-        context.data_dir,
-        global_batch_size=ds_config["train_batch_size"],
-        micro_batch_size=ds_config["train_micro_batch_size_per_gpu"],
-        rank=env.rank,
-        world_size=env.world_size,
-        seed=config.train.seed,
-        masking=masking,
-        num_workers=config.data.num_workers,
-        verify=context.verify_shards,
-    )
+    loader = bert_loader(context, masking)
     validation = validation_for(context, masking, loader.source.manifest)
-    bert = model_config_for(config, loader.source.vocab_size, loader.source.seq_len, loader.source.objective)
-    return BertMethod(context, loader, bert, BertForPreTraining(bert).to(env.device), validation)
+    source = loader.source
+    bert = model_config_for(
+        config, source.vocab_size, source.seq_len, source.objective, source.special_ids.pad
+    )
+    init_from = context.init_from
+    model = BertForPreTraining(bert) if init_from is None else initial_bert(init_from, context, source, bert)
+    return BertMethod(context, loader, model.config, model.to(env.device), validation)
+
+
+def initial_bert(
+    path: str, context: MethodContext, source: TextSource, fresh: BertConfig
+) -> BertForPreTraining:
+    """The model of ``--init-from PATH``: PATH's architecture and weights, the sentence head as ``fresh``'s.
+
+    Imported here: reading exports and checkpoints is only needed by runs that start from one.
+    """
+    from training.init_weights import DataFacts, initial_model
+
+    facts = DataFacts(
+        data_dir=context.data_dir,
+        vocab_size=source.vocab_size,
+        tokenizer_sha256=source.manifest["tokenizer"].get("sha256"),
+        seq_len=source.seq_len,
+        pad_token_id=fresh.pad_token_id,
+    )
+    return initial_model(path, context.config.model, facts, fresh.next_sentence_head, context.env.is_main)
