@@ -114,17 +114,6 @@ def written_manifest(output: str) -> dict[str, Any]:
         return json.loads(handle.read())
 
 
-def format_table(rows: list[tuple[str, str]], indent: str = "") -> str:
-    """``(name, value)`` rows as two aligned columns: the end-of-run summary of a job.
-
-    Args:
-        rows: The names and their already formatted values.
-        indent: Put before every line. Defaults to none.
-    """
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{indent}{name.ljust(width)}  {value}" for name, value in rows)
-
-
 def job_outcome(counts: dict[str, Any], noun: str, command: str, args: argparse.Namespace) -> int:
     """The exit status of a prepare job from its manifest's read/kept/rejected counts.
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from data_pipeline.errors import UserError
+from data_pipeline.tables import format_table
 from training.stop import RankFailure
 
 
@@ -66,9 +67,8 @@ register("demo", "run the whole pipeline on an embedded corpus", "launch.demo")
 
 
 def _top_level_help() -> str:
-    width = max(len(name) for name in COMMANDS)
     lines = ["usage: pretrain SUBCOMMAND [options]", "", "subcommands:"]
-    lines += [f"  {name.ljust(width)}  {command.summary}" for name, command in COMMANDS.items()]
+    lines.append(format_table([(name, command.summary) for name, command in COMMANDS.items()], indent="  "))
     lines += ["", "Run `pretrain SUBCOMMAND --help` for the options of each."]
     return "\n".join(lines)
 

@@ -146,7 +146,7 @@ def test_dask_runner_short_name_and_space_separated_values() -> None:
     ]
 
 
-def test_dask_options_for_another_runner_are_user_errors(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_dask_options_for_another_runner_are_user_errors(tmp_path: Path, capsys) -> None:
     with pytest.raises(UserError, match=r"--dask_client_address: only valid with --runner DaskRunner"):
         beam_arguments(["--dask_client_address=tcp://h:8786"], 2)
     (tmp_path / "in").mkdir()

@@ -171,8 +171,8 @@ def test_hostile_tokenizer_path_is_refused_by_inspect(data_copy: Path, tmp_path:
 
 
 def test_checkpoint_trace_keys_outside_the_run_are_refused(tmp_path: Path) -> None:
-    from training import checkpoint as ckpt
     from data_pipeline.errors import UserError
+    from training import checkpoint as ckpt
 
     outside = tmp_path / "outside.txt"
     outside.write_text("keep me\n")

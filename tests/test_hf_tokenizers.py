@@ -23,11 +23,7 @@ from training.masking import IGNORE_INDEX
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL = ["--", "--direct_running_mode=in_memory", "--direct_num_workers=1"]
-WORDS = (
-    "river stone morning light quiet field early winter garden market small house north road green "
-    "paper letter window summer city bright tower open water island school friend music table "
-    "unbelievable reconstruction international"
-).split()
+WORDS = ["river", "stone", "morning", "light", "quiet", "field", "early", "winter", "garden", "market", "small", "house", "north", "road", "green", "paper", "letter", "window", "summer", "city", "bright", "tower", "open", "water", "island", "school", "friend", "music", "table", "unbelievable", "reconstruction", "international"]
 # The bert-base-uncased layout: [PAD] 0, [unused0-98] 1-99, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103.
 BERT_BASE_SPECIALS = {"[PAD]": 0, "[UNK]": 100, "[CLS]": 101, "[SEP]": 102, "[MASK]": 103}
 

@@ -230,7 +230,7 @@ def test_special_ids_come_from_the_tokenizer(trained: Path) -> None:
     unigram = HFTokenizer(unigram_json(text), "unigram.json")
     assert unigram.kind == "unigram" and unigram.special_ids == SpecialIds(0, 1, 2, 3, 4)
     ids = unigram.encode(["river stone"])[0]
-    assert [bool(unigram.word_starts()[i]) for i in ids][0]
+    assert bool(unigram.word_starts()[ids[0]])
     with pytest.raises(UserError, match=r"gpt.json: no \[MASK\] token \(looked for \[MASK\], <mask>\)"):
         HFTokenizer(bpe_json(text, ["<s>", "<pad>", "</s>", "<unk>"]), "gpt.json")
 

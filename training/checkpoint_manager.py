@@ -18,9 +18,8 @@ import torch.distributed as dist
 
 from data_pipeline.errors import UserError
 from training import checkpoint as ckpt
-from training import checkpoint_files
+from training import checkpoint_files, rng_state
 from training import engine as ds
-from training import rng_state
 
 
 class Stateful(Protocol):

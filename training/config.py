@@ -24,7 +24,6 @@ from data_pipeline.errors import UserError
 from training.simclr import SimCLRConfig
 
 
-
 @dataclass
 class ModelConfig:
     """The BERT architecture; the vocabulary size comes from the data manifest (unused by simclr runs)."""

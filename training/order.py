@@ -18,6 +18,7 @@ schedule, a pure function of (weights, global batch, ``s``); each source keeps i
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -231,7 +232,7 @@ def check_mixture_batch(boundaries: Sequence[Fraction], global_batch_size: int) 
     Raises:
         UserError: Naming the source, its share and the global batch.
     """
-    for index, (low, high) in enumerate(zip(boundaries[:-1], boundaries[1:])):
+    for index, (low, high) in enumerate(itertools.pairwise(boundaries)):
         if (high - low) * global_batch_size < 1:
             raise UserError(
                 f"source {index} has a share {float(high - low):.6g} of the mixture, "
@@ -266,7 +267,7 @@ def steps_to_cover(
     boundaries: Sequence[Fraction], global_batch_size: int, source_samples: Sequence[int]
 ) -> int:
     """The first step count after which every source has supplied at least one epoch of its samples."""
-    shares = [float(high - low) for low, high in zip(boundaries[:-1], boundaries[1:])]
+    shares = [float(high - low) for low, high in itertools.pairwise(boundaries)]
     estimates = [int(count / (share * global_batch_size)) - 1 for count, share in zip(source_samples, shares)]
     step = max(0, *estimates)  # just under the answer: the counts are within one sample of the shares
     while (mixture_drawn(boundaries, step * global_batch_size) < np.asarray(source_samples)).any():

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.errors import UserError
+from data_pipeline.tables import format_table
 from training import engine as ds
 from training.checkpoint import SampleTrace
 from training.checkpoint_manager import CheckpointManager, LoaderPart, ResumePlan, RunIdentity, TraceLog
@@ -223,8 +224,7 @@ class Trainer:
             ("wall time", f"{seconds:,.1f} s"),
             ("checkpoint", str(self.checkpoints.tag_dir(self.checkpoints.last_step or 0))),
         ]
-        width = max(len(name) for name, _ in rows)
-        return "summary\n" + "\n".join(f"  {name.ljust(width)}  {value}" for name, value in rows)
+        return "summary\n" + format_table(rows, indent="  ")
 
     def close(self) -> None:
         """Stop the data workers and close the metrics writer."""

@@ -26,7 +26,6 @@ from data_pipeline.command_common import (
     JobResult,
     beam_arguments,
     clear_previous_outputs,
-    format_table,
     job_outcome,
     recorded_options,
     written_manifest,
@@ -35,6 +34,7 @@ from data_pipeline.errors import UserError
 from data_pipeline.images import sources
 from data_pipeline.images.decode import ImageOptions
 from data_pipeline.images.sources import ImageSource, ParquetColumns
+from data_pipeline.tables import format_table
 
 PARQUET_SUFFIX = ".parquet"
 LAYOUT_CHOICES = ("auto", "classes", "flat")

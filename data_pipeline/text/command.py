@@ -18,7 +18,6 @@ from data_pipeline.command_common import (
     JobResult,
     beam_arguments,
     clear_previous_outputs,
-    format_table,
     hide_optional_gcp_warning,
     job_outcome,
     recorded_options,
@@ -27,6 +26,7 @@ from data_pipeline.command_common import (
 from data_pipeline.errors import UserError
 from data_pipeline.formats.manifest import TOKENIZER_DIR, tokenizer_entry
 from data_pipeline.formats.text import SENTENCE_TASKS
+from data_pipeline.tables import format_table
 from data_pipeline.text.examples import ExampleOptions
 from data_pipeline.text.tokenizer_command import add_reader_arguments, reader_options
 from data_pipeline.text.tokenizer_kinds import TextTokenizer, load_tokenizer, main_file

@@ -12,8 +12,8 @@ import argparse
 import time
 from pathlib import Path
 
-from data_pipeline.command_common import format_table
 from data_pipeline.errors import UserError
+from data_pipeline.tables import format_table
 
 
 def _step(text: str) -> int:

@@ -31,6 +31,7 @@ from training.finetune.subsets import class_balanced_subset
 from training.models.resnet import ResNet, resnet
 from training.simclr.augment import IMAGENET_MEAN, IMAGENET_STD
 from training.simclr.images import CropConfig, center_crop_box, decode_crops, random_resized_crop_box
+
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 """The ResNet stages ``top-K`` unfreezes from the top."""
 

@@ -47,7 +47,6 @@ from training.finetune.text_task import TextTask
 from training.metrics import MetricsWriter
 from training.seeding import seed_everything
 
-
 TASK_KINDS: dict[str, Callable[[FinetuneConfig, FinetuneOptions], Task]] = {
     "text": TextTask,
     "image": ImageTask,

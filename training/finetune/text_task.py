@@ -25,8 +25,9 @@ from training.finetune.data import IGNORE_INDEX, Encoded, TaskData, collate, loa
 from training.finetune.heads import TaskModel, apply_freeze, load_encoder
 from training.finetune.metrics import classification_scores, entity_scores, regression_scores
 from training.finetune.subsets import class_balanced_subset
-from training.models.bert import BertConfig, BertForPreTraining
 from training.methods.bert import bert_config_from_section
+from training.models.bert import BertConfig, BertForPreTraining
+
 
 @dataclass
 class ModelSource:

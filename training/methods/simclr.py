@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from data_pipeline.errors import UserError
-from training.deepspeed_config import zero_stage
 from training.data.loader import StepLoader
+from training.deepspeed_config import zero_stage
 from training.methods.base import MethodContext, MicroStep, stack_sums, val_split_problem
 from training.simclr import (
     SimCLRConfig,
