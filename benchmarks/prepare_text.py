@@ -4,6 +4,7 @@
     python benchmarks/prepare_text.py --mb 20         # quick check
     python benchmarks/prepare_text.py --corpus DIR    # your own .jsonl files ({"text": ...} per line)
     python benchmarks/prepare_text.py --workdir W     # keep (and on a rerun reuse) corpus and tokenizer
+    python benchmarks/prepare_text.py --sizes 200,1000,2000 --cores 2 --workdir W   # the scaling table
 
 The generated corpus is real English prose without any download: sentences harvested from the
 docstrings of the installed Python packages (``ast``), recombined by a seeded rng into unique
@@ -16,7 +17,11 @@ documents, written as jsonl files. On that same text and the same cores it measu
               Unigram built from the same spm pieces and scores (nmt_nfkc-like normalizer, Metaspace, byte fallback);
               the share of documents it encodes id for id like SentencePiece is printed.
 Every MB/s uses the same numerator: the corpus size in MB (1e6 bytes). Peak RSS is summed over the
-process tree of each run, sampled every 0.2 s.
+process tree of each run (the `pretrain` process and its workers, not this script), sampled every 0.2 s.
+
+``--sizes`` prints the scaling table instead: ours at each corpus size (MB/s and peak RSS, which must
+stay flat), ours on the Dask runner (a local cluster of ``--cores`` worker processes) at the first
+size, and raw SentencePiece on the first size's texts as the baseline of the ratio column.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import importlib.util
 import json
 import os
 import random
@@ -116,10 +122,16 @@ def corpus_texts(paths: list[Path]) -> Iterator[str]:
 
 
 class PeakRss:
-    """Peak of the summed RSS of this process's children (and theirs), sampled in a thread."""
+    """Peak of the summed RSS of this process's children (and theirs), sampled in a thread.
 
-    def __init__(self, interval: float = 0.2) -> None:
+    Args:
+        interval: Seconds between samples. Defaults to 0.2.
+        include_self: Count this process too (a run inside it, like raw SPM). Defaults to True.
+    """
+
+    def __init__(self, interval: float = 0.2, include_self: bool = True) -> None:
         self.interval = interval
+        self.include_self = include_self
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -127,7 +139,7 @@ class PeakRss:
     def _sample(self) -> None:
         me = psutil.Process()
         while not self._stop.is_set():
-            total = me.memory_info().rss
+            total = me.memory_info().rss if self.include_self else 0
             for child in me.children(recursive=True):
                 try:
                     total += child.memory_info().rss
@@ -167,9 +179,9 @@ class Measured:
     result: Any
 
 
-def timed(name: str, run: Callable[[], Any]) -> Measured:
-    """Measure ``run()``."""
-    rss = PeakRss()
+def timed(name: str, run: Callable[[], Any], in_children: bool = False) -> Measured:
+    """Measure ``run()``; ``in_children``: it runs in child processes, leave this one's RSS out."""
+    rss = PeakRss(include_self=not in_children)
     with rss.sampling():
         cpu, started = cpu_seconds(), time.perf_counter()
         result = run()
@@ -191,11 +203,14 @@ def run_cli(args: list[str]) -> None:
 # ----------------------------------------------------------------------------------------- the runs
 
 
-def run_ours(paths: list[Path], model: Path, output: Path, cores: int) -> dict[str, Any]:
+def run_ours(
+    paths: list[Path], model: Path, output: Path, cores: int, beam: list[str] | None = None
+) -> dict[str, Any]:
+    """`pretrain prepare text` on ``paths``; ``beam`` options default to ``cores`` DirectRunner workers."""
     shutil.rmtree(output, ignore_errors=True)
     inputs = [str(path) for path in paths]
     args = ["prepare", "text", *inputs, "--tokenizer", str(model), "--output", str(output)]
-    run_cli([*args, "--", f"--direct_num_workers={cores}"])
+    run_cli([*args, "--", *(beam if beam is not None else [f"--direct_num_workers={cores}"])])
     return json.loads((output / "manifest.json").read_text())
 
 
@@ -281,11 +296,74 @@ def report(rows: list[Measured], megabytes: float, cores: int) -> None:
         )
 
 
+def corpus_in(directory: Path, megabytes: float, cores: int) -> list[Path]:
+    """The jsonl files of ``directory``: reused when they hold ``megabytes`` already, else generated."""
+    cached = sorted(directory.glob("*.jsonl"))
+    if cached and sum(path.stat().st_size for path in cached) >= megabytes * 1e6:
+        return cached
+    return write_corpus(directory, megabytes, files=max(8, 2 * cores))
+
+
+def tokenizer_for(paths: list[Path], model: Path) -> Path:
+    """``model``, trained on ``paths`` first unless it exists."""
+    if not model.exists():
+        started = time.perf_counter()
+        train = ["tokenizer", *map(str, paths), "--out", str(model.parent), "--vocab-size", str(VOCAB_SIZE)]
+        run_cli([*train, "--max-docs", "20000"])
+        print(
+            f"tokenizer: {time.perf_counter() - started:.1f} s ({VOCAB_SIZE} unigram pieces, 20,000 documents)"
+        )
+    return model
+
+
+def scaling(sizes: list[float], workdir: Path, cores: int, tokenizer: Path | None) -> None:
+    """The scaling table: ours at every size, ours on Dask and raw SPM at the first size."""
+    corpora = {size: corpus_in(workdir / f"corpus-{size:g}mb", size, cores) for size in sizes}
+    model = tokenizer or tokenizer_for(corpora[sizes[0]], workdir / "tok" / "spm.model")
+    rows: list[tuple[str, float, Measured]] = []
+    for size, paths in corpora.items():
+        megabytes = sum(path.stat().st_size for path in paths) / 1e6
+        run = timed(
+            "ours", lambda paths=paths: run_ours(paths, model, workdir / "shards", cores), in_children=True
+        )
+        rows.append((f"ours {size:g} MB", megabytes, run))
+        print(
+            f"{rows[-1][0]}: {megabytes / run.seconds:.2f} MB/s, peak RSS {run.rss / 2**30:.2f} GB",
+            flush=True,
+        )
+    first = corpora[sizes[0]]
+    megabytes = sum(path.stat().st_size for path in first) / 1e6
+    if importlib.util.find_spec("distributed") is not None:
+        dask = ["--runner", "DaskRunner"]
+        run = timed("dask", lambda: run_ours(first, model, workdir / "shards", cores, dask), in_children=True)
+        rows.append((f"ours on Dask {sizes[0]:g} MB", megabytes, run))
+    texts = list(corpus_texts(first))
+    raw = timed("raw SPM", lambda: run_raw_spm(texts, model, cores))
+    raw_speed, raw_cpu_speed = megabytes / raw.seconds, megabytes / raw.cpu
+    print(f"\nscaling, {cores} cores (raw SentencePiece on {megabytes:,.0f} MB: {raw_speed:.2f} MB/s)")
+    print(
+        f"{'':<22} {'MB':>8} {'seconds':>9} {'MB/s':>8} {'/ raw SPM':>10} {'CPU s':>8} "
+        f"{'/ raw (CPU)':>12} {'peak RSS GB':>12}"
+    )
+    for name, size_mb, row in [*rows, (f"raw SPM {sizes[0]:g} MB", megabytes, raw)]:
+        speed = size_mb / row.seconds
+        print(
+            f"{name:<22} {size_mb:>8,.0f} {row.seconds:>9.1f} {speed:>8.2f} {speed / raw_speed:>10.2f} "
+            f"{row.cpu:>8.1f} {size_mb / row.cpu / raw_cpu_speed:>12.2f} {row.rss / 2**30:>12.2f}"
+        )
+    smallest, largest = rows[0][2].rss, rows[len(sizes) - 1][2].rss
+    print(f"peak RSS at {sizes[-1]:g} MB / at {sizes[0]:g} MB: {largest / smallest:.2f} (target <= 1.25)")
+    print(f"work directory: {workdir}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--mb", type=float, default=200.0, help="corpus size to generate, MB")
+    parser.add_argument(
+        "--sizes", help="comma-separated corpus sizes in MB: print the scaling table (e.g. 200,1000,2000)"
+    )
     parser.add_argument("--corpus", type=Path, help="a directory of .jsonl files to use instead")
     parser.add_argument(
         "--workdir", type=Path, help="where corpus, tokenizer and outputs go (default: a temp dir)"
@@ -298,27 +376,19 @@ def main() -> None:
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-prepare-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    cached = sorted((workdir / "corpus").glob("*.jsonl"))
-    reused = bool(args.corpus) or (cached and sum(path.stat().st_size for path in cached) >= args.mb * 1e6)
-    if args.corpus:
-        paths = sorted(args.corpus.glob("*.jsonl"))
-    elif reused:
-        paths = cached  # a corpus generated by an earlier run in the same --workdir
-    else:
-        paths = write_corpus(workdir / "corpus", args.mb, files=max(8, 2 * args.cores))
+    if args.sizes:
+        scaling([float(size) for size in args.sizes.split(",")], workdir, args.cores, args.tokenizer)
+        return
+    paths = (
+        sorted(args.corpus.glob("*.jsonl"))
+        if args.corpus
+        else corpus_in(workdir / "corpus", args.mb, args.cores)
+    )
     megabytes = sum(path.stat().st_size for path in paths) / 1e6
     texts = list(corpus_texts(paths))
+    model = args.tokenizer or tokenizer_for(paths, workdir / "tok" / "spm.model")
 
-    model = args.tokenizer or workdir / "tok" / "spm.model"
-    if not args.tokenizer and not (reused and model.exists()):
-        started = time.perf_counter()
-        train = ["tokenizer", *map(str, paths), "--out", str(model.parent), "--vocab-size", str(VOCAB_SIZE)]
-        run_cli([*train, "--max-docs", "20000"])
-        print(
-            f"tokenizer: {time.perf_counter() - started:.1f} s ({VOCAB_SIZE} unigram pieces, 20,000 documents)"
-        )
-
-    rows = [timed("ours", lambda: run_ours(paths, model, workdir / "shards", args.cores))]
+    rows = [timed("ours", lambda: run_ours(paths, model, workdir / "shards", args.cores), in_children=True)]
     rows.append(timed("raw SPM", lambda: run_raw_spm(texts, model, args.cores)))
     if not args.skip_hf:
         try:

@@ -33,6 +33,8 @@ class ExampleOptions:
     """Sequence length INCLUDING the ``[CLS]``/``[SEP]`` framing tokens."""
     short_seq_prob: float = 0.1
     """Probability that a document's pairs target a random shorter length (``nsp``/``sop``)."""
+    sep_id: int = SEP_ID
+    """The tokenizer's [SEP] id: ``none`` packing marks document boundaries with it."""
 
     @property
     def max_content_tokens(self) -> int:
@@ -196,7 +198,9 @@ def sop_examples(
     return examples
 
 
-def full_sentence_examples(documents: Sequence[Document], max_tokens: int) -> list[tuple[int, Example]]:
+def full_sentence_examples(
+    documents: Sequence[Document], max_tokens: int, sep_id: int = SEP_ID
+) -> list[tuple[int, Example]]:
     """RoBERTa FULL-SENTENCES: contiguous sentences packed up to ``max_tokens``, crossing documents.
 
     A ``[SEP]`` token marks each document boundary inside a sequence (never first or last). Returns
@@ -205,7 +209,7 @@ def full_sentence_examples(documents: Sequence[Document], max_tokens: int) -> li
     examples: list[tuple[int, Example]] = []
     parts: list[NDArray[np.integer]] = []
     length, origin = 0, 0
-    separator = np.array([SEP_ID], dtype=np.int64)
+    separator = np.array([sep_id], dtype=np.int64)
 
     def flush() -> None:
         nonlocal parts, length
@@ -318,7 +322,7 @@ def build_pass_examples(
     if options.objective == "none":
         order = list(range(len(capped)))
         rng.shuffle(order)  # a different packing per dupe pass
-        packed = full_sentence_examples([capped[i] for i in order], max_tokens)
+        packed = full_sentence_examples([capped[i] for i in order], max_tokens, options.sep_id)
         tagged = [(order[origin], example) for origin, example in packed]
     elif options.objective == "nsp":
         tagged = [
@@ -404,3 +408,50 @@ def select_representatives(
     for record in sorted(records, key=lambda r: (r[0], r[1], r[2])):
         (duplicates if kept and kept[-1][0] == record[0] else kept).append(record)
     return kept, duplicates
+
+
+# ------------------------------------------------------------------------------------- split totals
+
+# Per split: the unique document hashes (``V16``, ascending) and the tokens of each document.
+DocumentSummary = dict[str, tuple[NDArray[np.void], NDArray[np.int64]]]
+
+
+def summarize_documents(records: Iterable[tuple[str, bytes, int]]) -> DocumentSummary:
+    """``(split, document hash, tokens)`` records -> :data:`DocumentSummary` (copies counted once).
+
+    About 24 bytes per unique document: what the job keeps to size the buckets and the shards, in
+    place of the documents themselves.
+    """
+    hashes: dict[str, list[bytes]] = {}
+    tokens: dict[str, list[int]] = {}
+    for split, doc_hash, count in records:
+        hashes.setdefault(split, []).append(doc_hash)
+        tokens.setdefault(split, []).append(count)
+    return merge_summaries(
+        [{split: (_hash_array(hashes[split]), np.array(tokens[split], np.int64)) for split in hashes}]
+    )
+
+
+def _hash_array(hashes: Sequence[bytes]) -> NDArray[np.void]:
+    width = len(hashes[0]) if hashes else 16
+    return np.frombuffer(b"".join(hashes), np.dtype(f"V{width}"))
+
+
+def merge_summaries(summaries: Iterable[DocumentSummary]) -> DocumentSummary:
+    """The union of several summaries: a hash seen in more than one counts once."""
+    parts: dict[str, list[tuple[NDArray[np.void], NDArray[np.int64]]]] = {}
+    for summary in summaries:
+        for split, part in summary.items():
+            parts.setdefault(split, []).append(part)
+    merged: DocumentSummary = {}
+    for split, pieces in sorted(parts.items()):
+        hashes = np.concatenate([hashes for hashes, _ in pieces])
+        tokens = np.concatenate([tokens for _, tokens in pieces])
+        unique, first = np.unique(hashes, return_index=True)
+        merged[split] = (unique, tokens[first])
+    return merged
+
+
+def summary_totals(summary: DocumentSummary) -> dict[str, tuple[int, int]]:
+    """``{split: (unique documents, their tokens)}`` for the splits that hold any document."""
+    return {split: (len(hashes), int(tokens.sum())) for split, (hashes, tokens) in summary.items()}

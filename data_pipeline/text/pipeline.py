@@ -7,13 +7,15 @@ read -> clean -> tokenise -> (split, bucket) -> de-dup + examples -> global shuf
 
 from __future__ import annotations
 
+import bz2
+import os
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import AsDict, TaggedOutput
@@ -28,24 +30,31 @@ from data_pipeline.beam_common import (
     atomic_sink,
     make_pipeline,
     needs_rebalance,
+    new_temp_dir,
+    remove_temp_dirs,
     stored_path,
     tag_reject,
 )
-from data_pipeline.formats.manifest import build_manifest
+from data_pipeline.formats.manifest import DEFAULT_TOKENIZER_KIND, build_manifest
 from data_pipeline.formats.text import DEFAULT_CHUNK_SEQUENCES, token_dtype, write_chunks
 from data_pipeline.rejects import Reject
 from data_pipeline.text import examples as ex
-from data_pipeline.text.codec import (
-    document_token_count,
-    encode_example_blobs,
-    pack_example,
-    pack_keyed_examples,
-    sorted_example_blobs,
-    unpack_document,
-)
+from data_pipeline.text import ranges
+from data_pipeline.text.codec import encode_example_blobs, pack_example, unpack_document
 from data_pipeline.text.documents import CleanDocument, TokenizedDocument, clean_document, tokenize_texts
-from data_pipeline.text.readers import ReaderOptions, read_records
-from data_pipeline.text.tokenizer import load_processor
+from data_pipeline.text.multistream import count_pages, index_path, plan_indexed_ranges, stream_pages
+from data_pipeline.text.ranges import ReadRange, count_before, count_newlines, plan_ranges
+from data_pipeline.text.readers import LINES, STREAMS, ReaderOptions, read_range, read_records, split_kind
+from data_pipeline.text.runs import (
+    RUN_BYTES,
+    Section,
+    documents_by_bucket,
+    encode_example,
+    merged_documents,
+    merged_examples,
+)
+from data_pipeline.text.shuffle import SpillToBuckets, in_global_window, open_stored, write_run
+from data_pipeline.text.tokenizer_kinds import tokenizer_from_copy
 
 # Documents (and at most characters) per SentencePiece call: enough that the per-call cost vanishes,
 # few enough to hold in memory.
@@ -60,9 +69,9 @@ class JobConfig:
     output: str
     """Output directory, local or any Beam filesystem URL."""
     model_proto: bytes
-    """The serialized SentencePiece model (shipped to workers inside the DoFns)."""
+    """The tokenizer's main file: spm.model or tokenizer.json bytes (shipped to workers inside the DoFns)."""
     vocab_size: int
-    """Pieces in the model; picks the token dtype."""
+    """Ids in the tokenizer's vocabulary; picks the token dtype."""
     reader: ReaderOptions
     """Input format and field choices."""
     min_doc_chars: int
@@ -77,6 +86,10 @@ class JobConfig:
     """Share of documents (by hash) in the val split."""
     shard_mb: float
     """Target shard size in MiB."""
+    temp_dir: str = ""
+    """This run's own directory of run files (``run_job`` makes it under the output or ``--temp-dir``)."""
+    tokenizer_kind: str = DEFAULT_TOKENIZER_KIND
+    """What ``model_proto`` holds: ``sentencepiece``, ``wordpiece``, ``bpe`` or ``unigram``."""
 
     @property
     def token_dtype(self) -> np.dtype:
@@ -87,7 +100,8 @@ class JobConfig:
 
 
 class _ReadFileFn(beam.DoFn):
-    """Stream one input file through the readers: documents out, rejects to the dead-letter output."""
+    """Stream one input file (or one range of a split file) through the readers: documents out,
+    rejects to the dead-letter output, and the count of records read."""
 
     def __init__(self, reader: ReaderOptions) -> None:
         self.reader = reader
@@ -98,20 +112,22 @@ class _ReadFileFn(beam.DoFn):
     def setup(self) -> None:
         self.progress = ProgressReporter("read")
 
-    def process(self, path: str) -> Iterator[Any]:
-        def opener(name: str) -> Any:
-            return FileSystems.open(name, compression_type=CompressionTypes.UNCOMPRESSED)
-
-        records = 0
-        for record in read_records(path, opener, self.reader):
-            records += 1
+    def process(self, part: ReadRange, counts: dict[tuple[str, int], int]) -> Iterator[Any]:
+        if part.is_whole:
+            records = read_records(part.path, open_stored, self.reader)
+        else:
+            before = part.before if part.before is not None else count_before(counts, part.path, part.start)
+            records = read_range(part.path, open_stored, self.reader, part, before)
+        count = 0
+        for record in records:
+            count += 1
             if isinstance(record, Reject):
                 yield tag_reject(record)
                 continue
             self.documents.inc()
             self._report(len(record.text))
             yield record
-        yield TaggedOutput(COUNT, records)
+        yield TaggedOutput(COUNT, count)
 
     def _report(self, characters: int) -> None:
         self.read[0] += 1
@@ -120,21 +136,85 @@ class _ReadFileFn(beam.DoFn):
             self.progress.tick(lambda: f"{self.read[0]:,} documents, {self.read[1] / 1e6:,.1f} M characters")
 
 
-class ReadDocuments(beam.PTransform):
-    """Input paths -> :class:`Document` records, :class:`Reject` records and per-file record counts."""
+class _CountFn(beam.DoFn):
+    """A range of a split file -> ``((path, start), newlines or pages in it)``: where its ordinals begin."""
 
-    def __init__(self, paths: list[str], reader: ReaderOptions) -> None:
+    def __init__(self, reader: ReaderOptions) -> None:
+        self.reader = reader
+
+    def process(self, part: ReadRange) -> Iterator[tuple[tuple[str, int], int]]:
+        if part.is_whole or part.before is not None:
+            return
+        end = part.end or 0
+        with open_stored(part.path) as handle:
+            if split_kind(part.path, self.reader) == LINES:
+                yield (part.path, part.start), count_newlines(handle, part.start, end)
+            else:
+                yield (part.path, part.start), count_pages(handle, part.start, end)
+
+
+def plan_read_ranges(paths: list[str], reader: ReaderOptions, workers: int | None = None) -> list[ReadRange]:
+    """What the read tasks read: a large splittable file in byte ranges, every other file whole.
+
+    Ranges are ``ranges.RANGE_BYTES`` at most, and smaller (down to ``MIN_RANGE_BYTES``) when that
+    gives ``workers`` fewer than two ranges each: enough read tasks that the documents need no
+    rebalance through the runner. A multistream dump with its index beside it is cut at the streams
+    the index lists, with the pages before each range; without the index its ranges find their
+    streams themselves. The index of a dump is never read as an input of its own.
+    """
+    kinds = {path: split_kind(path, reader) for path in paths}
+    # A dump's index given as an input too (a whole directory was) is its stream map, not text.
+    indexes = {index_path(path) for path in paths if kinds[path] == STREAMS}
+    for index in sorted(indexes & set(paths)):
+        print(
+            f"pretrain: {index}: a dump's stream index, used to split the dump, not read as text",
+            file=sys.stderr,
+        )
+    paths = [path for path in paths if path not in indexes]
+    splittable = [path for path in paths if kinds[path] is not None]
+    sizes = {}
+    if splittable:
+        matches = FileSystems.match(splittable)
+        sizes = {path: match.metadata_list[0].size_in_bytes for path, match in zip(splittable, matches)}
+    range_bytes = ranges.RANGE_BYTES
+    if workers and sizes:
+        wanted = -(-sum(sizes.values()) // (2 * workers))
+        range_bytes = max(min(ranges.MIN_RANGE_BYTES, range_bytes), min(range_bytes, wanted))
+    planned: list[ReadRange] = []
+    for path in paths:
+        size = sizes.get(path, 0)
+        index = index_path(path) if kinds[path] == STREAMS and size > range_bytes else None
+        if index is not None and FileSystems.exists(index):
+            with open_stored(index) as stored, bz2.open(stored) as lines:
+                planned += plan_indexed_ranges(path, size, stream_pages(lines), range_bytes)
+        else:
+            planned += plan_ranges(path, size, path in sizes, range_bytes)
+    return planned
+
+
+class ReadDocuments(beam.PTransform):
+    """Input paths -> :class:`Document` records, :class:`Reject` records and per-task record counts.
+
+    A large uncompressed jsonl file or multistream wiki dump is read in byte ranges by several tasks
+    (:mod:`~data_pipeline.text.ranges`, :mod:`~data_pipeline.text.multistream`); a first pass counts
+    each range's newlines (pages), so that every record keeps its whole-file ordinal.
+    """
+
+    def __init__(self, paths: list[str], reader: ReaderOptions, workers: int | None = None) -> None:
         super().__init__()
-        self.paths = paths
+        self.ranges = plan_read_ranges(paths, reader, workers)
         self.reader = reader
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.pvalue.DoOutputsTuple:
-        return (
+        parts = (
             pbegin
-            | "Paths" >> beam.Create(self.paths)
+            | "Paths" >> beam.Create(self.ranges)
             # Spread the files over workers: Create alone would hand them all to one bundle.
             | "Spread" >> beam.Reshuffle()
-            | "Read" >> beam.ParDo(_ReadFileFn(self.reader)).with_outputs(REJECTS, COUNT, main="documents")
+        )
+        counts = parts | "CountRecords" >> beam.ParDo(_CountFn(self.reader))
+        return parts | "Read" >> beam.ParDo(_ReadFileFn(self.reader), counts=AsDict(counts)).with_outputs(
+            REJECTS, COUNT, main="documents"
         )
 
 
@@ -151,22 +231,25 @@ class _CleanFn(beam.DoFn):
 
 
 class _TokenizeFn(beam.DoFn):
-    """Sentence-split and encode documents in batches (``TOKENIZE_BATCH``); one model per DoFn instance.
+    """Sentence-split and encode documents in batches (``TOKENIZE_BATCH``); one tokenizer per DoFn instance.
 
     Documents wait in a batch (with their own timestamp, window and pane) until it is full or the
     bundle ends; every output is a function of its document alone, so batching changes no byte of the
     job.
     """
 
-    def __init__(self, model_proto: bytes, dtype: np.dtype) -> None:
+    def __init__(self, model_proto: bytes, dtype: np.dtype, kind: str = DEFAULT_TOKENIZER_KIND) -> None:
         self.model_proto = model_proto
         self.dtype = dtype
+        self.kind = kind
         self.processor: Any = None
         self.batch: list[WindowedValue] = []
         self.batch_chars = 0
 
     def setup(self) -> None:
-        self.processor = load_processor(model_proto=self.model_proto)
+        # One encoding thread per worker, as for SentencePiece: the job runs a worker per core already.
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.processor = tokenizer_from_copy(self.kind, self.model_proto, "<prepare text job>")
 
     def start_bundle(self) -> None:
         self.batch, self.batch_chars = [], 0
@@ -210,38 +293,49 @@ class CleanDocuments(beam.PTransform):
 class TokenizeDocuments(beam.PTransform):
     """Clean documents -> ``(hash, source, index, token blob)``: sentences, one encode call per batch."""
 
-    def __init__(self, model_proto: bytes, dtype: np.dtype) -> None:
+    def __init__(self, model_proto: bytes, dtype: np.dtype, kind: str = DEFAULT_TOKENIZER_KIND) -> None:
         super().__init__()
         self.model_proto = model_proto
         self.dtype = dtype
+        self.kind = kind
 
     def expand(self, documents: beam.PCollection) -> beam.PCollection:
-        return documents | "Tokenize" >> beam.ParDo(_TokenizeFn(self.model_proto, self.dtype))
+        return documents | "Tokenize" >> beam.ParDo(_TokenizeFn(self.model_proto, self.dtype, self.kind))
 
 
 # ------------------------------------------------------------------------------- de-dup and examples
 
 
-def _add_pair(left: Iterable[tuple[int, int]]) -> tuple[int, int]:
-    samples = tokens = 0
-    for count, size in left:
-        samples += count
-        tokens += size
-    return samples, tokens
-
-
 class _BuildBucketFn(beam.DoFn):
-    """One bucket: exact de-dup, ``dupe_factor`` passes of example building, examples batched per shard."""
+    """Bucket by bucket: exact de-dup, ``dupe_factor`` passes of example building; the examples go to
+    run files (one section per shard, sorted by key) of about ``RUN_BYTES``: out ``((split, shard), Section)``."""
 
     def __init__(self, config: JobConfig) -> None:
         self.config = config
+        self.examples: dict[tuple[str, int], list[tuple[int, bytes]]] = {}
+        self.size = 0
+
+    def start_bundle(self) -> None:
+        self.examples, self.size = {}, 0
 
     def process(
         self,
-        element: tuple[tuple[str, int], Iterable[TokenizedDocument]],
+        element: tuple[tuple[str, int], Iterable[Section]],
         totals: dict[str, tuple[int, int]],
     ) -> Iterator[Any]:
-        (split, bucket), records = element
+        (split, _), sections = element
+        for bucket, records in documents_by_bucket(merged_documents(sections, open_stored)):
+            yield from self._build_bucket(split, bucket, records, totals)
+            if self.size >= RUN_BYTES:
+                yield from self._flush()
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        for item in self._flush():
+            yield in_global_window(item)
+
+    def _build_bucket(
+        self, split: str, bucket: int, records: list[TokenizedDocument], totals: dict[str, tuple[int, int]]
+    ) -> Iterator[Any]:
         kept, duplicates = ex.select_representatives(records)
         representative = {doc_hash: (source, index) for doc_hash, source, index, _ in kept}
         for doc_hash, source, index, _ in duplicates:
@@ -253,29 +347,38 @@ class _BuildBucketFn(beam.DoFn):
             totals[split][1], config.dupe_factor, config.example, config.token_dtype.itemsize, config.shard_mb
         )
         documents = [unpack_document(blob) for _, _, _, blob in kept]
-        hashes = [doc_hash for doc_hash, _, _, _ in kept]
-        capped, capped_hashes = ex.capped_documents(documents, hashes, config.example)
+        capped, capped_hashes = ex.capped_documents(documents, [record[0] for record in kept], config.example)
         dtype = config.token_dtype
-        per_shard: dict[int, list[tuple[int, bytes]]] = {}
         for dupe in range(config.dupe_factor):
             keyed = ex.build_pass_examples(
                 capped, capped_hashes, config.example, config.seed, split, bucket, dupe
             )
             for sort_key, example in keyed:
-                item = (sort_key, pack_example(example, dtype))
-                per_shard.setdefault(sort_key % shards, []).append(item)
-        for shard, items in sorted(per_shard.items()):
-            yield ((split, shard), pack_keyed_examples(items))
+                blob = pack_example(example, dtype)
+                self.examples.setdefault((split, sort_key % shards), []).append((sort_key, blob))
+                self.size += len(blob)
+
+    def _flush(self) -> list[tuple[tuple[str, int], Section]]:
+        examples, self.examples, self.size = self.examples, {}, 0
+        if not examples:
+            return []
+        # Each section sorted like the final shard: by key, and by blob on a tie of keys.
+        sections = [
+            (shard, [encode_example(key, blob) for key, blob in sorted(items)])
+            for shard, items in sorted(examples.items())
+        ]
+        return write_run(self.config.temp_dir, "examples", sections)
 
 
 class BuildExamples(beam.PTransform):
-    """Token blobs -> ``((split, shard), examples batch)``, duplicate rejects and the kept count.
+    """Token blobs -> ``((split, shard), Section of sorted examples)``, duplicate rejects and the kept count.
 
     Documents are grouped by (split, bucket of their hash): every copy of a text lands in the same
     bucket, so de-duplication and random-next sampling both need one bucket in memory, never the
-    corpus. A side input of kept documents and tokens per split sets the bucket count (~1000
-    documents each) and the shard count (``--shard-mb``); an example's shard is its sort key modulo
-    that count, which makes the shard assignment a global shuffle.
+    corpus. The unique documents and tokens per split set the bucket count (~1000 documents each)
+    and the shard count (``--shard-mb``); an example's shard is its sort key modulo that count,
+    which makes the shard assignment a global shuffle. Documents and examples travel through run
+    files under ``temp_dir``; the runner only groups their sections, so no stage holds the corpus.
     """
 
     def __init__(self, config: JobConfig) -> None:
@@ -283,50 +386,43 @@ class BuildExamples(beam.PTransform):
         self.config = config
 
     def expand(self, tokens: beam.PCollection) -> beam.pvalue.DoOutputsTuple:
-        val_fraction = self.config.val_fraction
-        totals = (
-            tokens
-            | "SizeOfDocument"
-            >> beam.Map(lambda r: (ex.split_of(r[0], val_fraction), r[0], document_token_count(r[3])))
-            | "UniqueDocuments" >> beam.Distinct()
-            | "PerSplit" >> beam.Map(lambda unique: (unique[0], (1, unique[2])))
-            | "SumPerSplit" >> beam.CombinePerKey(_add_pair)
-        )
-
-        def bucket_key(record: TokenizedDocument, totals: dict[str, tuple[int, int]]) -> Any:
-            split = ex.split_of(record[0], val_fraction)
-            return (split, ex.bucket_of(record[0], ex.bucket_count(totals[split][0]))), record
-
+        config = self.config
+        sections, totals = tokens | "SpillToBuckets" >> SpillToBuckets(config.temp_dir, config.val_fraction)
         return (
-            tokens
-            | "KeyByBucket" >> beam.Map(bucket_key, totals=AsDict(totals))
+            sections
             | "GroupBuckets" >> beam.GroupByKey()
             | "Build"
-            >> beam.ParDo(_BuildBucketFn(self.config), totals=AsDict(totals)).with_outputs(
-                REJECTS, COUNT, main="examples"
-            )
+            >> beam.ParDo(_BuildBucketFn(config), totals=totals).with_outputs(REJECTS, COUNT, main="examples")
         )
 
 
 # ------------------------------------------------------------------------------------ shuffle, write
 
 
+def _batched(items: Iterator[bytes], size: int) -> Iterator[list[bytes]]:
+    batch: list[bytes] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 class _WriteShardFn(beam.DoFn):
-    """Sort one shard's examples by key and write it under a temporary name, renamed when complete."""
+    """Merge one shard's sorted example sections and write it under a temporary name, renamed when complete."""
 
     def __init__(self, config: JobConfig) -> None:
         self.config = config
 
-    def process(self, element: tuple[tuple[str, int], Iterable[bytes]]) -> Iterator[Any]:
-        (split, shard), batches = element
-        ordered = sorted_example_blobs(batches)
+    def process(self, element: tuple[tuple[str, int], Iterable[Section]]) -> Iterator[Any]:
+        (split, shard), sections = element
+        ordered = (blob for _, blob in merged_examples(sections, open_stored))
         dtype = self.config.token_dtype
         # Chunks straight from the packed blobs: building an Example per sequence cost more than
         # the whole tar write.
-        chunks = (
-            encode_example_blobs(ordered[start : start + DEFAULT_CHUNK_SEQUENCES], dtype)
-            for start in range(0, len(ordered), DEFAULT_CHUNK_SEQUENCES)
-        )
+        chunks = (encode_example_blobs(batch, dtype) for batch in _batched(ordered, DEFAULT_CHUNK_SEQUENCES))
         relative = f"{split}-{shard:06d}.tar"
         with atomic_sink(stored_path(self.config.output, relative)) as sink:
             stats = write_chunks(sink, relative, f"{split}-{shard:06d}", chunks)
@@ -334,15 +430,15 @@ class _WriteShardFn(beam.DoFn):
 
 
 class WriteShards(beam.PTransform):
-    """Gather each shard's batches, sort its examples by key, write it: the global shuffle's last step."""
+    """Gather each shard's sections, merge its examples in key order, write it: the global shuffle's last step."""
 
     def __init__(self, config: JobConfig) -> None:
         super().__init__()
         self.config = config
 
-    def expand(self, batches: beam.PCollection) -> beam.PCollection:
+    def expand(self, sections: beam.PCollection) -> beam.PCollection:
         return (
-            batches | "GroupShards" >> beam.GroupByKey() | "Write" >> beam.ParDo(_WriteShardFn(self.config))
+            sections | "GroupShards" >> beam.GroupByKey() | "Write" >> beam.ParDo(_WriteShardFn(self.config))
         )
 
 
@@ -351,7 +447,7 @@ def build_pipeline(
     paths: list[str],
     config: JobConfig,
     static: dict[str, Any],
-    rebalance: bool = False,
+    workers: int | None,
 ) -> None:
     """Add every stage of the job to ``pipeline``.
 
@@ -360,16 +456,21 @@ def build_pipeline(
         paths: Input files, already expanded and sorted.
         config: The job configuration.
         static: Manifest fields known before the job runs (tokenizer, seq_len, objective, seed, options).
-        rebalance: Reshuffle the documents after reading, for inputs of fewer files than workers.
-            Defaults to False.
+        workers: The worker count (None when only the cluster knows it). Fewer read tasks than it
+            keeps busy (see ``needs_rebalance``) reshuffle the documents after reading. That holds the
+            documents in the runner on the local runner: large inputs should be splittable files
+            (:func:`plan_read_ranges`) or many files.
     """
-    read = pipeline | "ReadDocuments" >> ReadDocuments(paths, config.reader)
+    reading = ReadDocuments(paths, config.reader, workers)
+    read = pipeline | "ReadDocuments" >> reading
     documents = read.documents
-    if rebalance:
+    if needs_rebalance(len(reading.ranges), workers):
         # Fewer files than workers: spread the documents, or one worker would tokenise a whole file.
         documents = documents | "Rebalance" >> beam.Reshuffle()
     cleaned = documents | "CleanDocuments" >> CleanDocuments(config.min_doc_chars)
-    tokens = cleaned.clean | "TokenizeDocuments" >> TokenizeDocuments(config.model_proto, config.token_dtype)
+    tokens = cleaned.clean | "TokenizeDocuments" >> TokenizeDocuments(
+        config.model_proto, config.token_dtype, config.tokenizer_kind
+    )
     short_rejects = cleaned[REJECTS]
     # Only the tokenizer needs the model: Beam bz2-compresses every pickled DoFn and every worker
     # unpacks it again, so the later stages get a copy of the config without the model.
@@ -388,7 +489,16 @@ def build_pipeline(
 
 
 def run_job(paths: list[str], config: JobConfig, static: dict[str, Any], beam_args: list[str]) -> None:
-    """Build the job, run it to completion; a failed job raises what the runner raised."""
+    """Build the job, run it to completion; a failed job raises what the runner raised.
+
+    The run files go to a new ``_tmp-<uuid>`` directory under ``config.temp_dir`` (the output
+    directory when empty), deleted once the job succeeds; the scratch directories of crashed earlier
+    runs there are deleted first.
+    """
+    base = config.temp_dir or config.output
+    remove_temp_dirs(base)
+    scratch = new_temp_dir(base)
     pipeline, workers = make_pipeline(beam_args)
-    build_pipeline(pipeline, paths, config, static, rebalance=needs_rebalance(len(paths), workers))
+    build_pipeline(pipeline, paths, replace(config, temp_dir=scratch), static, workers)
     pipeline.run().wait_until_finish()
+    remove_temp_dirs(base, FileSystems.split(scratch)[1])

@@ -116,15 +116,17 @@ class WikiPage:
     wikitext: str
 
 
-def iter_wiki_pages(stream: Readable) -> Iterator[WikiPage]:
+def iter_wiki_pages(stream: Readable, first_ordinal: int = 0) -> Iterator[WikiPage]:
     """Stream the pages of a MediaWiki XML export, any schema version, freeing each once read.
+
+    Pages are numbered from ``first_ordinal`` (the pages before a range of a split dump). Defaults to 0.
 
     Raises:
         xml.etree.ElementTree.ParseError: The XML is malformed or truncated; the pages before the
             damage have been yielded.
     """
     root: ElementTree.Element | None = None
-    ordinal = 0
+    ordinal = first_ordinal
     for event, element in ElementTree.iterparse(stream, events=("start", "end")):
         if root is None:
             root = element
