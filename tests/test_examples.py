@@ -175,9 +175,6 @@ def test_codecs_round_trip() -> None:
     assert (back.tokens_a.tolist(), back.tokens_b.tolist(), back.label) == ([5, 6], [7], 1)
     assert codec.example_token_count(blob) == 3
     assert codec.document_token_count(codec.pack_document(sentences, np.dtype(np.uint32))) == 5
-    items = [(2**64 - 1, blob), (7, b""), (0, b"xyz")]
-    assert codec.unpack_keyed_examples(codec.pack_keyed_examples(items)) == items
-    assert codec.unpack_keyed_examples(codec.pack_keyed_examples([])) == []
 
 
 def test_select_representatives_keeps_smallest_source_index() -> None:
@@ -205,13 +202,3 @@ def test_chunk_arrays_from_blobs_equal_encode_chunk() -> None:
     expected_tokens, expected_seqs = encode_chunk(examples, dtype)
     assert np.array_equal(tokens, expected_tokens) and tokens.dtype == expected_tokens.dtype
     assert np.array_equal(seqs, expected_seqs)
-
-
-def test_blobs_of_many_batches_come_out_in_key_order_ties_by_blob() -> None:
-    dtype = np.dtype(np.uint16)
-    rng = random.Random(3)
-    blobs = [codec.pack_example(e, dtype) for e in random_blob_examples(200, seed=6)]
-    # Small keys force collisions, so the tie rule (order by blob) is exercised too.
-    pairs = [(rng.randrange(50), blob) for blob in blobs]
-    batches = [codec.pack_keyed_examples(pairs[i : i + 37]) for i in range(0, len(pairs), 37)]
-    assert codec.sorted_example_blobs(batches) == [blob for _, blob in sorted(pairs)]

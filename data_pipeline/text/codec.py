@@ -7,7 +7,7 @@ and for numpy to read back than pickled arrays. Pure functions, no Beam.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from itertools import accumulate, chain
 from typing import Any
 
@@ -68,53 +68,7 @@ def example_token_count(blob: bytes) -> int:
     return len_a + len_b
 
 
-def pack_keyed_examples(items: Sequence[tuple[int, bytes]]) -> bytes:
-    """Many ``(sort key, example blob)`` pairs as one blob: count, uint64 keys, uint32 sizes, blobs.
-
-    One element per (bucket, shard) instead of one per example: the runner's per-element cost is
-    paid a few hundred times, not millions.
-    """
-    keys = np.fromiter((key for key, _ in items), np.uint64, count=len(items))
-    sizes = np.fromiter((len(blob) for _, blob in items), np.uint32, count=len(items))
-    return struct.pack("<Q", len(items)) + keys.tobytes() + sizes.tobytes() + b"".join(b for _, b in items)
-
-
-def unpack_keyed_examples(blob: bytes) -> list[tuple[int, bytes]]:
-    """Inverse of :func:`pack_keyed_examples`."""
-    (count,) = struct.unpack_from("<Q", blob)
-    keys = np.frombuffer(blob, np.uint64, count, 8).tolist()
-    sizes = np.frombuffer(blob, np.uint32, count, 8 + 8 * count)
-    ends = (np.cumsum(sizes, dtype=np.int64) + 8 + 12 * count).tolist()
-    starts = [8 + 12 * count, *ends[:-1]]
-    return [(key, blob[start:end]) for key, start, end in zip(keys, starts, ends)]
-
-
 _EXAMPLE_HEADER_DTYPE = np.dtype([("itemsize", "u1"), ("len_a", "<u2"), ("len_b", "<u2"), ("label", "u1")])
-
-
-def sorted_example_blobs(batches: Iterable[bytes]) -> list[bytes]:
-    """The example blobs of many :func:`pack_keyed_examples` batches, in ascending sort-key order.
-
-    The same order as sorting the ``(key, blob)`` pairs: numpy sorts the keys, and only when two keys
-    are equal (a 64-bit collision) are the pairs sorted as tuples, so that ties still order by blob.
-    """
-    keys: list[NDArray[np.uint64]] = []
-    blobs: list[bytes] = []
-    for batch in batches:
-        (count,) = struct.unpack_from("<Q", batch)
-        keys.append(np.frombuffer(batch, np.uint64, count, 8))
-        sizes = np.frombuffer(batch, np.uint32, count, 8 + 8 * count)
-        ends = (np.cumsum(sizes, dtype=np.int64) + 8 + 12 * count).tolist()
-        starts = [8 + 12 * count, *ends[:-1]]
-        blobs.extend([batch[start:end] for start, end in zip(starts, ends)])
-    if not blobs:
-        return []
-    all_keys = np.concatenate(keys)
-    order = np.argsort(all_keys, kind="stable")
-    ordered_keys = all_keys[order]
-    if bool(np.any(ordered_keys[1:] == ordered_keys[:-1])):
-        return [blob for _, blob in sorted(zip(all_keys.tolist(), blobs))]
-    return [blobs[i] for i in order.tolist()]
 
 
 def encode_example_blobs(blobs: Sequence[bytes], dtype: np.dtype) -> tuple[NDArray[Any], NDArray[np.uint16]]:
