@@ -202,8 +202,9 @@ def test_staged_wheel_installs_and_imports_the_dofns(tmp_path: Path) -> None:
     done = subprocess.run(install, capture_output=True, text=True, env=env, cwd=tmp_path, check=False)
     assert done.returncode == 0, done.stderr
     check = (
-        "import data_pipeline, sys; from data_pipeline.text.pipeline import _BuildBucketFn, _ReadFileFn, "
-        "_TokenizeFn, _WriteShardFn; from data_pipeline.dask_runner import DaskRunner; "
+        "import data_pipeline, sys; from data_pipeline.text.pipeline import _BuildBucketFn, "
+        "_TokenizeFn, _WriteShardFn; from data_pipeline.text.reading import _ReadFileFn; "
+        "from data_pipeline.dask_runner import DaskRunner; "
         "print(data_pipeline.__file__)"
     )
     done = subprocess.run([str(python), "-c", check], capture_output=True, text=True, env=env, cwd=tmp_path,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from data_pipeline.formats.text import CLS_ID, MASK_ID, SENTENCE_TASKS, SEP_ID, Example, special_token_count
-from data_pipeline.text import codec
+from data_pipeline.text import codec, splits
 from data_pipeline.text import examples as ex
 
 
@@ -149,19 +149,19 @@ def test_truncate_pair_trims_the_longer_side() -> None:
 def test_split_bucket_and_shard_helpers() -> None:
     low = bytes(8) + bytes(range(8))
     high = b"\xff" * 16
-    assert ex.split_of(low, 0.005) == "val" and ex.split_of(high, 0.005) == "train"
-    assert ex.split_of(low, 0.0) == "train"
+    assert splits.split_of(low, 0.005) == "val" and splits.split_of(high, 0.005) == "train"
+    assert splits.split_of(low, 0.0) == "train"
     all_hashes = hashes(20000)
-    share = np.mean([ex.split_of(h, 0.1) == "val" for h in all_hashes])
+    share = np.mean([splits.split_of(h, 0.1) == "val" for h in all_hashes])
     assert 0.09 < share < 0.11
-    assert ex.bucket_count(0) == 1 and ex.bucket_count(1000) == 1 and ex.bucket_count(1001) == 2
-    assert ex.shard_count(0, 128) == 1 and ex.shard_count(300 * 2**20, 128) == 3
-    assert all(0 <= ex.bucket_of(h, 7) < 7 for h in all_hashes[:100])
+    assert splits.bucket_count(0) == 1 and splits.bucket_count(1000) == 1 and splits.bucket_count(1001) == 2
+    assert splits.shard_count(0, 128) == 1 and splits.shard_count(300 * 2**20, 128) == 3
+    assert all(0 <= splits.bucket_of(h, 7) < 7 for h in all_hashes[:100])
     options = ex.ExampleOptions("nsp", 128)
-    assert ex.planned_shards(1000, 1, options, 2, 128) == 1
+    assert splits.planned_shards(1000, 1, options, 2, 128) == 1
     # 300M uint16 tokens in ~2.4M sequences: about 587 MiB -> 5 shards of 128 MiB.
-    assert ex.planned_shards(300_000_000, 1, options, 2, 128) == 5
-    assert ex.planned_shards(300_000_000, 2, options, 2, 128) == 10
+    assert splits.planned_shards(300_000_000, 1, options, 2, 128) == 5
+    assert splits.planned_shards(300_000_000, 2, options, 2, 128) == 10
 
 
 def test_codecs_round_trip() -> None:
@@ -180,7 +180,7 @@ def test_codecs_round_trip() -> None:
 def test_select_representatives_keeps_smallest_source_index() -> None:
     h1, h2 = b"\x01" * 16, b"\x02" * 16
     records = [(h1, "b.txt", 0, b"x"), (h2, "a.txt", 5, b"y"), (h1, "a.txt", 9, b"z"), (h1, "a.txt", 3, b"w")]
-    kept, duplicates = ex.select_representatives(records)
+    kept, duplicates = splits.select_representatives(records)
     assert kept == [(h1, "a.txt", 3, b"w"), (h2, "a.txt", 5, b"y")]
     assert duplicates == [(h1, "a.txt", 9, b"z"), (h1, "b.txt", 0, b"x")]
 

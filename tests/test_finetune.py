@@ -22,17 +22,10 @@ from data_pipeline.errors import UserError
 from launch.cli import build_parser, main
 from training.finetune.commands import run_finetune
 from training.finetune.config import FinetuneConfig, TaskConfig, config_from_dict, parse_freeze
-from training.finetune.data import (
-    IGNORE_INDEX,
-    Encoded,
-    collate,
-    frame,
-    label_vocab,
-    load_task_data,
-    read_task_file,
-)
+from training.finetune.data import IGNORE_INDEX, Encoded, collate, frame, label_vocab, load_task_data
 from training.finetune.heads import TaskModel, apply_freeze, load_encoder, trainable_prefixes
 from training.finetune.loop import epoch_order, eval_shard, rank_micro_batches
+from training.finetune.task_files import read_task_file
 from training.models.bert import BertForPreTraining, bert_config
 
 REPO = Path(__file__).resolve().parent.parent

@@ -17,8 +17,9 @@ from data_pipeline.text.multistream import (
     plan_indexed_ranges,
     stream_pages,
 )
+from data_pipeline.text.range_readers import read_range, split_kind
 from data_pipeline.text.ranges import ReadRange, count_before, plan_ranges
-from data_pipeline.text.readers import ReaderOptions, default_opener, read_range, read_records, split_kind
+from data_pipeline.text.readers import ReaderOptions, default_opener, read_records
 
 HEADER = (
     '<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.11/" version="0.11" xml:lang="en">\n'
@@ -128,7 +129,7 @@ def test_the_job_writes_the_same_bytes_from_stream_ranges(
     from test_distributed import digests
     from test_pipeline import SEQ_LEN, train_tokenizer
 
-    from data_pipeline.text.pipeline import plan_read_ranges
+    from data_pipeline.text.reading import plan_read_ranges
     from launch.cli import main
 
     corpus = tmp_path / "corpus"

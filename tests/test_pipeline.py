@@ -24,7 +24,7 @@ from data_pipeline.formats.manifest import FORMAT_NAME, SPLITS, read_manifest
 from data_pipeline.formats.text import SEP_ID, chunk_from_sample, read_shard, special_token_count
 from data_pipeline.inputs import expand_inputs
 from data_pipeline.rejects import reject_lines
-from data_pipeline.text import pipeline
+from data_pipeline.text import pipeline, reading
 from data_pipeline.text.readers import ReaderOptions
 from data_pipeline.text.tokenizer import load_processor, special_ids, train_sentencepiece, trainer_options
 from launch.cli import main
@@ -238,7 +238,7 @@ def test_read_and_clean_composites(tmp_path: Path) -> None:
     path = str(tmp_path / "a.jsonl")
     config = pipeline.JobConfig(str(tmp_path), b"", 320, ReaderOptions(), 10, None, 1, 0, 0.0, 1.0)
     with beam_common.make_pipeline(["--direct_running_mode=in_memory"])[0] as p:
-        read = p | pipeline.ReadDocuments([path], ReaderOptions())
+        read = p | reading.ReadDocuments([path], ReaderOptions())
         assert_that(read.documents, equal_to([(path, 0, good), (path, 1, "tiny")]), label="documents")
         assert_that(read[beam_common.REJECTS], equal_to([("malformed_json", path, 2, "{x")]), label="rejects")
         assert_that(read[beam_common.COUNT], equal_to([3]), label="count")

@@ -10,15 +10,9 @@ import pytest
 
 from data_pipeline.rejects import Reject
 from data_pipeline.text import ranges
+from data_pipeline.text.range_readers import is_splittable, read_line_range
 from data_pipeline.text.ranges import ReadRange, count_before, count_newlines, plan_ranges
-from data_pipeline.text.readers import (
-    Document,
-    ReaderOptions,
-    default_opener,
-    is_splittable,
-    read_line_range,
-    read_records,
-)
+from data_pipeline.text.readers import Document, ReaderOptions, default_opener, read_records
 
 
 def ranged_read(path: Path, range_bytes: int) -> list[Document | Reject]:
@@ -95,7 +89,7 @@ def test_the_job_writes_the_same_bytes_from_ranges_as_from_whole_files(
     from test_distributed import digests
     from test_pipeline import document, prepare, train_tokenizer
 
-    from data_pipeline.text.pipeline import plan_read_ranges
+    from data_pipeline.text.reading import plan_read_ranges
 
     rng = np.random.default_rng(3)
     corpus = tmp_path / "corpus"

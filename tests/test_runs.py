@@ -10,7 +10,7 @@ from typing import IO
 import numpy as np
 
 from data_pipeline import beam_common
-from data_pipeline.text import examples as ex
+from data_pipeline.text import splits
 from data_pipeline.text.runs import (
     BucketedDocument,
     Section,
@@ -86,13 +86,13 @@ def test_sections_stream_across_small_blocks(tmp_path: Path) -> None:
 
 
 def test_summaries_count_each_document_once() -> None:
-    first = ex.summarize_documents(
+    first = splits.summarize_documents(
         [("train", b"a" * 16, 10), ("val", b"b" * 16, 3), ("train", b"a" * 16, 10)]
     )
-    second = ex.summarize_documents([("train", b"c" * 16, 5), ("train", b"a" * 16, 10)])
-    assert ex.summary_totals(ex.merge_summaries([first, second])) == {"train": (2, 15), "val": (1, 3)}
-    assert ex.summary_totals(ex.merge_summaries([])) == {}
-    hashes, tokens = ex.merge_summaries([first, second])["train"]
+    second = splits.summarize_documents([("train", b"c" * 16, 5), ("train", b"a" * 16, 10)])
+    assert splits.summary_totals(splits.merge_summaries([first, second])) == {"train": (2, 15), "val": (1, 3)}
+    assert splits.summary_totals(splits.merge_summaries([])) == {}
+    hashes, tokens = splits.merge_summaries([first, second])["train"]
     assert hashes.dtype == np.dtype("V16") and tokens.tolist() == [10, 5]
 
 

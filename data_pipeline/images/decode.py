@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from data_pipeline.text.examples import example_sort_key, split_of
+from data_pipeline.text.examples import example_sort_key
+from data_pipeline.text.splits import split_of
 
 # Every reason the image job sets a record aside for (reading, decoding, de-duplication).
 REJECT_REASONS = (

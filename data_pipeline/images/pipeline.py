@@ -34,7 +34,7 @@ from data_pipeline.formats.manifest import build_image_manifest
 from data_pipeline.images import decode as im
 from data_pipeline.images.sources import ImageSource, ParquetColumns, RawImage, iter_parquet_images
 from data_pipeline.rejects import Reject
-from data_pipeline.text.examples import shard_count
+from data_pipeline.text.splits import shard_count
 
 
 @dataclass(frozen=True)

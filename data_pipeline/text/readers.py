@@ -25,8 +25,6 @@ import zstandard
 
 from data_pipeline.errors import UserError
 from data_pipeline.rejects import Reject
-from data_pipeline.text.multistream import StreamRange, first_stream_start, is_multistream_dump
-from data_pipeline.text.ranges import LineRangeStream, ReadRange, first_line_start
 from data_pipeline.text.streams import (
     MAX_DOC_BYTES,
     PREVIEW_BYTES,
@@ -73,10 +71,10 @@ _EXTENSIONS = {
 # Wikipedia dump names, whatever follows ".xml": "enwiki-latest-pages-articles1.xml-p1p41242.bz2",
 # "...-pages-articles-multistream.xml.bz2", "...pages-articles1.xml-p10p30302-shortened.bz2".
 WIKI_DUMP_PATTERN = "*pages-articles*.xml*"
-_BOM = b"\xef\xbb\xbf"
+BOM = b"\xef\xbb\xbf"
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # Errors a damaged compressed or XML stream raises while being read.
-_STREAM_ERRORS = (EOFError, OSError, zlib.error, zstandard.ZstdError, ElementTree.ParseError)
+STREAM_ERRORS = (EOFError, OSError, zlib.error, zstandard.ZstdError, ElementTree.ParseError)
 
 
 class Document(NamedTuple):
@@ -185,117 +183,6 @@ def read_records(
         yield from _read_stream(path, input_format, raw, options)
 
 
-LINES = "lines"
-STREAMS = "streams"
-
-
-def split_kind(path: str, options: ReaderOptions) -> str | None:
-    """How ``path`` can be read in byte ranges: ``LINES`` (uncompressed JSON lines, see
-    :mod:`~data_pipeline.text.ranges`), ``STREAMS`` (a multistream wiki dump, see
-    :mod:`~data_pipeline.text.multistream`), or None (only whole)."""
-    input_format = detect_format(path, options)
-    if input_format == "jsonl" and compression_of(path) is None:
-        return LINES
-    if input_format == "wiki" and compression_of(path) == "bz2" and is_multistream_dump(path):
-        return STREAMS
-    return None
-
-
-def is_splittable(path: str, options: ReaderOptions) -> bool:
-    """Whether ``path`` can be read in byte ranges (see :func:`split_kind`)."""
-    return split_kind(path, options) is not None
-
-
-def read_range(
-    path: str,
-    opener: Callable[[str], IO[bytes]],
-    options: ReaderOptions,
-    part: ReadRange,
-    before: int,
-) -> Iterator[Document | Reject]:
-    """The records that start in ``part`` of a splittable file: with the other ranges of the file,
-    exactly the records of :func:`read_records`, with the same ordinals.
-
-    Args:
-        path: The input file; ``opener`` must give a seekable stream.
-        opener: As for :func:`read_records`.
-        options: Format and field choices.
-        part: A range of ``path`` (``end`` set).
-        before: Newlines (pages of a dump) in the ranges before ``part``.
-    """
-    reader = read_line_range if split_kind(path, options) == LINES else read_stream_range
-    yield from reader(path, opener, options, part, before)
-
-
-def read_stream_range(
-    path: str,
-    opener: Callable[[str], IO[bytes]],
-    options: ReaderOptions,
-    part: ReadRange,
-    pages_before: int,
-) -> Iterator[Document | Reject]:
-    """The pages of the bz2 streams that start in ``part`` of a multistream dump, numbered from ``pages_before``."""
-    if part.end is None:
-        raise ValueError(f"{path}: a whole-file read goes through read_records, not read_stream_range")
-    try:
-        raw = opener(path)
-    except Exception as error:  # noqa: BLE001 - as in read_records
-        yield Reject("unreadable_file", path, None, f"{type(error).__name__}: {error}")
-        return
-    with contextlib.closing(raw):
-        stream: StreamRange | None = None
-        try:
-            first = first_stream_start(raw, part.start)
-            if first >= part.end:
-                return  # no stream starts in this range
-            stream = StreamRange(raw, first, part.end)
-            yield from _read_wiki(path, stream, options, pages_before)
-        except _STREAM_ERRORS as error:
-            offset = stream.offset if stream is not None else part.start
-            yield Reject("corrupt_stream", path, offset, f"{type(error).__name__}: {error}")
-
-
-def read_line_range(
-    path: str,
-    opener: Callable[[str], IO[bytes]],
-    options: ReaderOptions,
-    part: ReadRange,
-    lines_before: int,
-) -> Iterator[Document | Reject]:
-    """The records of the lines that start in ``part`` of a splittable file (see :func:`is_splittable`).
-
-    Together the ranges of a file give exactly the records of :func:`read_records` on the whole
-    file, with the same line numbers.
-
-    Args:
-        path: The input file; ``opener`` must give a seekable stream.
-        opener: As for :func:`read_records`.
-        options: Format and field choices.
-        part: A range of ``path`` (``end`` set).
-        lines_before: Newlines in the file before ``part.start``.
-    """
-    if part.end is None:
-        raise ValueError(f"{path}: a whole-file read goes through read_records, not read_line_range")
-    try:
-        raw = opener(path)
-    except Exception as error:  # noqa: BLE001 - as in read_records
-        yield Reject("unreadable_file", path, None, f"{type(error).__name__}: {error}")
-        return
-    with contextlib.closing(raw):
-        try:
-            first = first_line_start(raw, part.start)
-            raw.seek(first)
-            stream: Readable = LineRangeStream(raw, first, part.end)
-            if first == 0:
-                head = stream.read(len(_BOM))
-                stream = PeekedStream(b"" if head == _BOM else head, stream)
-            # A line starting after ``start`` follows the newline found in between.
-            first_line = lines_before + int(first > part.start)
-            yield from _read_jsonl(path, stream, options, first_line)
-        except OSError as error:
-            yield Reject("corrupt_stream", path, part.start, f"{type(error).__name__}: {error}")
-
-
 def _read_stream(
     path: str, input_format: str, raw: IO[bytes], options: ReaderOptions
 ) -> Iterator[Document | Reject]:
@@ -307,15 +194,15 @@ def _read_stream(
         if not head:
             yield Reject("empty_file", path, 0, "")
             return
-        if input_format in ("txt", "jsonl") and head.startswith(_BOM):
-            head = head[len(_BOM) :]
+        if input_format in ("txt", "jsonl") and head.startswith(BOM):
+            head = head[len(BOM) :]
         body = PeekedStream(head, stream)
         if input_format == "parquet":
             seekable = raw if compression_of(path) is None and is_seekable(raw) else None
             yield from _read_parquet(path, body, seekable, options)
         else:
             yield from _FORMAT_READERS[input_format](path, body, options)
-    except _STREAM_ERRORS as error:
+    except STREAM_ERRORS as error:
         yield Reject("corrupt_stream", path, counted.bytes_read, f"{type(error).__name__}: {error}")
 
 
@@ -369,7 +256,7 @@ def _read_paragraphs(path: str, stream: Readable) -> Iterator[Document | Reject]
         yield _text_record(path, index, bytes(paragraph), too_long)
 
 
-def _read_jsonl(
+def read_jsonl(
     path: str, stream: Readable, options: ReaderOptions, first_line: int = 0
 ) -> Iterator[Document | Reject]:
     """One JSON object per line; blank lines are skipped, and the index is the 0-based line number."""
@@ -462,7 +349,7 @@ def _cell_record(path: str, row: int, value: str | bytes | None) -> Document | R
     return Document(path, row, text)
 
 
-def _read_wiki(
+def read_wiki(
     path: str, stream: Readable, options: ReaderOptions, first_ordinal: int = 0
 ) -> Iterator[Document | Reject]:
     """Articles of a MediaWiki XML export: the title, a blank line, then the cleaned text."""
@@ -479,6 +366,6 @@ def _read_wiki(
 
 _FORMAT_READERS: dict[str, Callable[[str, Readable, ReaderOptions], Iterator[Document | Reject]]] = {
     "txt": _read_txt,
-    "jsonl": _read_jsonl,
-    "wiki": _read_wiki,
+    "jsonl": read_jsonl,
+    "wiki": read_wiki,
 }

@@ -19,7 +19,7 @@ from apache_beam.pvalue import AsSingleton, TaggedOutput
 from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.windowed_value import WindowedValue
 
-from data_pipeline.text import examples as ex
+from data_pipeline.text import splits
 from data_pipeline.text.codec import document_token_count
 from data_pipeline.text.documents import TokenizedDocument
 from data_pipeline.text.runs import (
@@ -57,7 +57,7 @@ def in_global_window(value: Any) -> WindowedValue:
 
 class _SpillDocumentsFn(beam.DoFn):
     """Token blobs -> run files of about ``RUN_BYTES``: a :class:`Section` per run, and on the ``SUMMARY``
-    output the run's :data:`~data_pipeline.text.examples.DocumentSummary`.
+    output the run's :data:`~data_pipeline.text.splits.DocumentSummary`.
 
     The documents leave the runner here: what follows carries file sections, and the summaries (24
     bytes per document, combined before they reach the runner) from which the bucket and shard
@@ -87,12 +87,12 @@ class _SpillDocumentsFn(beam.DoFn):
             yield in_global_window(section)
             yield TaggedOutput(SUMMARY, in_global_window(summary))
 
-    def _flush(self) -> tuple[Section, ex.DocumentSummary]:
+    def _flush(self) -> tuple[Section, splits.DocumentSummary]:
         records, self.buffer, self.size = self.buffer, [], 0
         encoded = [encode_document(BucketedDocument(0, *record)) for record in records]
         [(_, section)] = write_run(self.temp_dir, "documents", [(None, encoded)])
-        summary = ex.summarize_documents(
-            (ex.split_of(record[0], self.val_fraction), record[0], document_token_count(record[3]))
+        summary = splits.summarize_documents(
+            (splits.split_of(record[0], self.val_fraction), record[0], document_token_count(record[3]))
             for record in records
         )
         return section, summary
@@ -101,17 +101,19 @@ class _SpillDocumentsFn(beam.DoFn):
 class _TotalsFn(beam.CombineFn):
     """Run summaries -> ``{split: (unique documents, tokens)}``."""
 
-    def create_accumulator(self) -> ex.DocumentSummary:
+    def create_accumulator(self) -> splits.DocumentSummary:
         return {}
 
-    def add_input(self, summary: ex.DocumentSummary, element: ex.DocumentSummary) -> ex.DocumentSummary:
-        return ex.merge_summaries([summary, element])
+    def add_input(
+        self, summary: splits.DocumentSummary, element: splits.DocumentSummary
+    ) -> splits.DocumentSummary:
+        return splits.merge_summaries([summary, element])
 
-    def merge_accumulators(self, summaries: Iterable[ex.DocumentSummary]) -> ex.DocumentSummary:
-        return ex.merge_summaries(summaries)
+    def merge_accumulators(self, summaries: Iterable[splits.DocumentSummary]) -> splits.DocumentSummary:
+        return splits.merge_summaries(summaries)
 
-    def extract_output(self, summary: ex.DocumentSummary) -> dict[str, tuple[int, int]]:
-        return ex.summary_totals(summary)
+    def extract_output(self, summary: splits.DocumentSummary) -> dict[str, tuple[int, int]]:
+        return splits.summary_totals(summary)
 
 
 class _PartitionRunFn(beam.DoFn):
@@ -128,8 +130,8 @@ class _PartitionRunFn(beam.DoFn):
         val_fraction = self.val_fraction
         keyed = []
         for document in read_documents(run, open_stored):
-            split = ex.split_of(document.doc_hash, val_fraction)
-            bucket = ex.bucket_of(document.doc_hash, ex.bucket_count(totals[split][0]))
+            split = splits.split_of(document.doc_hash, val_fraction)
+            bucket = splits.bucket_of(document.doc_hash, splits.bucket_count(totals[split][0]))
             keyed.append((split, document._replace(bucket=bucket)))
         keyed.sort()
         groups: dict[tuple[str, int], list[bytes]] = {}
@@ -144,7 +146,7 @@ class SpillToBuckets(beam.PTransform):
     """Token blobs -> ``((split, bucket group), Section)`` records, and the split totals as a side input.
 
     ``expand`` returns ``(sections, totals)``: ``totals`` is ``AsSingleton`` of ``{split: (unique
-    documents, tokens)}``, which sets the bucket count (``ex.bucket_count``) and the shard count.
+    documents, tokens)}``, which sets the bucket count (``splits.bucket_count``) and the shard count.
 
     Args:
         temp_dir: This run's scratch directory (every worker must reach it).
