@@ -67,10 +67,9 @@ def remove_temp_dirs(base: str, name: str = f"{TEMP_DIR_PREFIX}*") -> None:
         FileSystems.delete(files)
     directories = {FileSystems.split(path)[0] for path in files} | set(_matching(base, name))
     for directory in sorted(directories):
-        try:
+        # An object store has no directories: once its files are gone there is nothing left to delete.
+        with contextlib.suppress(BeamIOError):
             FileSystems.delete([directory])
-        except BeamIOError:
-            pass  # nothing left under that prefix of an object store
 
 
 def write_atomically(path: str, payload: Iterable[bytes] | bytes) -> None:
