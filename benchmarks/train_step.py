@@ -25,7 +25,8 @@ from torch import nn
 
 from training.dtypes import DTYPES
 from training.flops import bert_train_flops_per_sequence, mfu, peak_flops
-from training.models.bert import BertConfig, BertForPreTraining, bert_config
+from training.models.bert import BertForPreTraining
+from training.models.bert_config import BertConfig, bert_config
 
 
 def make_batch(

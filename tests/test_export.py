@@ -26,7 +26,8 @@ from shard_fixtures import generate_text, make_shard_dir, train_tokenizer
 from data_pipeline.errors import UserError
 from launch.cli import main as cli_main
 from training.export import bert, bert_read, checkpoints, files
-from training.models.bert import BertForPreTraining, bert_config
+from training.models.bert import BertForPreTraining
+from training.models.bert_config import bert_config
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -26,7 +26,8 @@ from training.finetune.data import IGNORE_INDEX, Encoded, collate, frame, label_
 from training.finetune.heads import TaskModel, apply_freeze, load_encoder, trainable_prefixes
 from training.finetune.loop import epoch_order, eval_shard, rank_micro_batches
 from training.finetune.task_files import read_task_file
-from training.models.bert import BertForPreTraining, bert_config
+from training.models.bert import BertForPreTraining
+from training.models.bert_config import bert_config
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = [

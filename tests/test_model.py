@@ -11,14 +11,8 @@ from torch import nn
 
 from data_pipeline.errors import UserError
 from training.flops import bert_train_flops_per_sequence, mfu, peak_flops, peak_flops_for_gpu
-from training.models.bert import (
-    BERT_SIZES,
-    BertConfig,
-    BertForPreTraining,
-    ModelConfigError,
-    bert_config,
-    save_hf_pretrained,
-)
+from training.models.bert import BertForPreTraining, save_hf_pretrained
+from training.models.bert_config import BERT_SIZES, BertConfig, ModelConfigError, bert_config
 
 VOCAB = 101
 SEQ = 16

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from training.models.bert import BertConfig
+from training.models.bert_config import BertConfig
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks from NVIDIA's datasheets, most specific name first:
 # the device name of an H100 SXM is e.g. "NVIDIA H100 80GB HBM3", of the PCIe card "NVIDIA H100 PCIe".

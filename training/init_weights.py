@@ -31,7 +31,8 @@ from training.export.bert import (
 )
 from training.export.bert_read import consolidate_run_weights, read_export_weights, run_checkpoint_state
 from training.export.files import CONFIG_FILE, WEIGHTS_FILE
-from training.models.bert import BertConfig, BertForPreTraining
+from training.models.bert import BertForPreTraining
+from training.models.bert_config import BertConfig
 
 HF_ARCHITECTURES = ("BertForPreTraining", "BertForMaskedLM")
 """The transformers classes whose ``save_pretrained`` directories --init-from reads."""

@@ -25,7 +25,8 @@ from data_pipeline.formats.text import SpecialIds
 from data_pipeline.text.tokenizer_kinds import TOKENIZER_JSON, TextTokenizer, load_tokenizer, main_file
 from training.dtypes import DTYPES
 from training.export.files import WEIGHTS_FILE, ExportFiles, card_tables, check_dtype, publish
-from training.models.bert import BertConfig, BertForPreTraining
+from training.models.bert import BertForPreTraining
+from training.models.bert_config import BertConfig
 
 TOKENIZER_MODEL_FILE = "spm.model"
 # The main tokenizer file of an export, in the order looked for.

@@ -20,7 +20,7 @@ from training.export.bert import (
 )
 from training.export.checkpoints import consolidate, final_metrics, find_checkpoint
 from training.export.files import CONFIG_FILE, WEIGHTS_FILE, read_export_config, read_weights
-from training.models.bert import BertConfig
+from training.models.bert_config import BertConfig
 
 
 def manifest_summary(manifest: dict[str, Any]) -> dict[str, Any]:

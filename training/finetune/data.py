@@ -23,8 +23,8 @@ from data_pipeline.text.tokenizer import SentencePieceTokenizer
 from data_pipeline.text.tokenizer_kinds import TextTokenizer
 from training.finetune.config import TaskConfig
 from training.finetune.task_files import TaskExample, read_task_file
+from training.models.bert_config import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 """Label of positions without a target (special tokens, padding, non-first pieces of a word)."""
 
 

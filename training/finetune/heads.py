@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from data_pipeline.errors import UserError
-from training.models.bert import BertConfig, BertForPreTraining, BertModel, BertPooler
+from training.models.bert import BertForPreTraining, BertModel, BertPooler
+from training.models.bert_config import IGNORE_INDEX, BertConfig
 
-IGNORE_INDEX = -100
 HEAD_PREFIX = "head."
 ENCODER_PREFIX = "bert."
 POOLER_PREFIX = "bert.pooler."

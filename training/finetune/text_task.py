@@ -26,7 +26,8 @@ from training.finetune.heads import TaskModel, apply_freeze, load_encoder
 from training.finetune.metrics import classification_scores, entity_scores, regression_scores
 from training.finetune.subsets import class_balanced_subset
 from training.methods.bert import bert_config_from_section
-from training.models.bert import BertConfig, BertForPreTraining
+from training.models.bert import BertForPreTraining
+from training.models.bert_config import BertConfig
 
 
 @dataclass

@@ -19,7 +19,8 @@ from training.dtypes import DTYPES
 from training.flops import bert_train_flops_per_sequence, mfu, peak_flops
 from training.masking import MaskingConfig
 from training.methods.base import MethodContext, MicroStep, stack_sums, val_split_problem
-from training.models.bert import BertConfig, BertForPreTraining, bert_config
+from training.models.bert import BertForPreTraining
+from training.models.bert_config import BertConfig, bert_config
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels", "next_sentence_label")
 SUM_NAMES = ("loss", "mlm_correct", "mlm_count", "mlm_loss", "nsp_loss", "nsp_correct", "nsp_count")
