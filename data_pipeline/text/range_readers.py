@@ -63,6 +63,25 @@ def read_range(
     yield from reader(path, opener, options, part, before)
 
 
+def _read_opened(
+    path: str,
+    opener: Callable[[str], IO[bytes]],
+    part: ReadRange,
+    records: Callable[[IO[bytes], int], Iterator[Document | Reject]],
+) -> Iterator[Document | Reject]:
+    """Open ``path`` and yield ``records(stream, end of part)``; a file that cannot be opened is a reject."""
+    end = part.end
+    if end is None:
+        raise ValueError(f"{path}: a whole-file read goes through read_records, not a range reader")
+    try:
+        raw = opener(path)
+    except Exception as error:  # noqa: BLE001 - as in read_records
+        yield Reject("unreadable_file", path, None, f"{type(error).__name__}: {error}")
+        return
+    with contextlib.closing(raw):
+        yield from records(raw, end)
+
+
 def read_stream_range(
     path: str,
     opener: Callable[[str], IO[bytes]],
@@ -71,24 +90,20 @@ def read_stream_range(
     pages_before: int,
 ) -> Iterator[Document | Reject]:
     """The pages of the bz2 streams that start in ``part`` of a multistream dump, numbered from ``pages_before``."""
-    if part.end is None:
-        raise ValueError(f"{path}: a whole-file read goes through read_records, not read_stream_range")
-    try:
-        raw = opener(path)
-    except Exception as error:  # noqa: BLE001 - as in read_records
-        yield Reject("unreadable_file", path, None, f"{type(error).__name__}: {error}")
-        return
-    with contextlib.closing(raw):
+
+    def records(raw: IO[bytes], end: int) -> Iterator[Document | Reject]:
         stream: StreamRange | None = None
         try:
             first = first_stream_start(raw, part.start)
-            if first >= part.end:
+            if first >= end:
                 return  # no stream starts in this range
-            stream = StreamRange(raw, first, part.end)
+            stream = StreamRange(raw, first, end)
             yield from read_wiki(path, stream, options, pages_before)
         except STREAM_ERRORS as error:
             offset = stream.offset if stream is not None else part.start
             yield Reject("corrupt_stream", path, offset, f"{type(error).__name__}: {error}")
+
+    yield from _read_opened(path, opener, part, records)
 
 
 def read_line_range(
@@ -110,18 +125,12 @@ def read_line_range(
         part: A range of ``path`` (``end`` set).
         lines_before: Newlines in the file before ``part.start``.
     """
-    if part.end is None:
-        raise ValueError(f"{path}: a whole-file read goes through read_records, not read_line_range")
-    try:
-        raw = opener(path)
-    except Exception as error:  # noqa: BLE001 - as in read_records
-        yield Reject("unreadable_file", path, None, f"{type(error).__name__}: {error}")
-        return
-    with contextlib.closing(raw):
+
+    def records(raw: IO[bytes], end: int) -> Iterator[Document | Reject]:
         try:
             first = first_line_start(raw, part.start)
             raw.seek(first)
-            stream: Readable = LineRangeStream(raw, first, part.end)
+            stream: Readable = LineRangeStream(raw, first, end)
             if first == 0:
                 head = stream.read(len(BOM))
                 stream = PeekedStream(b"" if head == BOM else head, stream)
@@ -130,3 +139,5 @@ def read_line_range(
             yield from read_jsonl(path, stream, options, first_line)
         except OSError as error:
             yield Reject("corrupt_stream", path, part.start, f"{type(error).__name__}: {error}")
+
+    yield from _read_opened(path, opener, part, records)
